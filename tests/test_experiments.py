@@ -10,6 +10,16 @@ CMD = [sys.executable, '-c', 'from secondorder_cnn.experiments import main; main
 SHORT = ['--epochs', '1', '--bs', '256', '--device', 'cpu']
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    "One thread here and in the processes started: on a shared machine, two threads of small ops wait on each other"
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cli(*args, **kw):
     "`secondorder-cnn args` in a new process (the worktree's code, whatever the installed entry point says)"
     return subprocess.run([*CMD, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
@@ -67,30 +77,30 @@ def test_cli_end_to_end_on_digits(tmp_path):
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
-    grid = ['--optimizers', 'adam,sgd,apollo,sophiah', '--seeds', '0,1', *SHORT]
+    grid = ['--optimizers', 'adam,sgd,sophiah', '--seeds', '0,1', *SHORT]
     ref, out = tmp_path/'ref', tmp_path/'out'
-    assert cli('run', *grid, '--out', ref).returncode == 0
+    main(['run', *grid, '--out', str(ref)])
     p = subprocess.Popen([*CMD, 'run', *grid, '--out', str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first, deadline = out/'digits/adam/seed0/metrics.json', time.monotonic() + 120
     while not first.exists() and p.poll() is None and time.monotonic() < deadline: time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     p.wait()
     done = {str(f.parent.relative_to(out)): f.stat().st_mtime_ns for f in out.glob('*/*/seed*/metrics.json')}
-    assert 1 <= len(done) < 8, done  # killed mid-grid
+    assert 1 <= len(done) < 6, done  # killed mid-grid
     r = cli('run', *grid, '--out', out)
     assert r.returncode == 0, r.stderr
     assert sum('finished, skipped' in l for l in r.stdout.splitlines()) == len(done)
     assert {k: (out/k/'metrics.json').stat().st_mtime_ns for k in done} == done
-    assert metrics(out) == metrics(ref) and len(metrics(ref)) == 8
+    assert metrics(out) == metrics(ref) and len(metrics(ref)) == 6
     assert same_models(models(out), models(ref))
 
 
 def test_same_seed_same_metrics(tmp_path):
-    args = ['run', '--optimizers', 'adahessian', *SHORT]
+    args = ['run', '--optimizers', 'sophiah', *SHORT]  # its probes are drawn from the seed too
     for d, seed in (('a', 3), ('b', 3), ('c', 4)): main([*args, '--seeds', str(seed), '--out', str(tmp_path/d)])
     a, b, c = (metrics(tmp_path/d) for d in 'abc')
     assert a == b and same_models(models(tmp_path/'a'), models(tmp_path/'b'))
-    assert a['digits/adahessian/seed3']['epochs'] != c['digits/adahessian/seed4']['epochs']
+    assert a['digits/sophiah/seed3']['epochs'] != c['digits/sophiah/seed4']['epochs']
 
 
 def test_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
@@ -132,9 +142,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, capsys, args
     assert snapshot(tmp_path) == before
 
 
-def test_unknown_subcommand_and_the_exit_status_of_the_process(tmp_path):
-    r = cli('train', cwd=tmp_path)
-    assert (r.returncode, r.stdout) == (2, '') and r.stderr.count('\n') == 1 and 'invalid choice' in r.stderr
+def test_unknown_subcommand_and_the_exit_status_of_the_process(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e: main(['train'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and "invalid choice: 'train'" in err
     r = cli('run', '--preset', 'huge', cwd=tmp_path)
     assert (r.returncode, r.stdout, r.stderr) == (2, '', "secondorder-cnn: error: preset 'huge' is not allowed; allowed: 'quick', 'paper', 'fmnist'\n")
     assert list(tmp_path.iterdir()) == []
