@@ -168,6 +168,7 @@ def run_one(r:Run, out, device=None, bar=None) -> dict:
     dls = get_dls(r.dataset, r.bs, device=dev, seed=r.seed)  # before writing anything: missing data fails cleanly
     d = r.folder(out)
     for f in ('metrics.json', 'curvature.json'): (d/f).unlink(missing_ok=True)  # a redone run must not keep stale results
+    for f in d.glob('.*.tmp'): f.unlink()  # what a killed process was writing
     cfg = run_config(r)
     _dump(cfg | dict(device=str(dev), torch=torch.__version__, secondorder_cnn=__version__, doc=OPTIMIZERS[r.optimizer].doc), d/'config.json')
     torch.manual_seed(r.seed)

@@ -93,6 +93,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert {k: (out/k/'metrics.json').stat().st_mtime_ns for k in done} == done
     assert metrics(out) == metrics(ref) and len(metrics(ref)) == 6
     assert same_models(models(out), models(ref))
+    assert not list(out.rglob('*.tmp'))
 
 
 def test_same_seed_same_metrics(tmp_path):
