@@ -13,7 +13,7 @@ $(VENV)/.installed: settings.ini setup.py pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/secondorder-cnn
+	$(BIN)/secondorder-cnn run --preset quick
 
 test: install check-export check-readme
 	$(BIN)/nbdev_test

@@ -1,17 +1,16 @@
 import subprocess, sys
-from pathlib import Path
 import pytest
 from torchvision.datasets import MNIST
 from secondorder_cnn.model import cli
 
-EXE = Path(sys.executable).parent/'secondorder-cnn'
+DEMO = [sys.executable, '-c', 'from secondorder_cnn.model import cli; cli()']
 
 
 def run(*args):
-    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_make_run_job_trains_and_reports():
+def test_demo_trains_and_reports():
     r = run('--epochs', '2', '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -35,7 +34,7 @@ def test_bad_input_is_one_line_and_exit_2(args, msg, capsys):
     assert capsys.readouterr().err == f'secondorder-cnn: error: {msg}\n'
 
 
-def test_bad_input_exit_status_of_the_command():
+def test_bad_input_exit_status_of_the_demo():
     r = run('--dataset', 'imagenet')
     assert (r.returncode, r.stdout) == (2, '')
     assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
