@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# the browser for site-check: Debian's chromium unless given, e.g. CHROMIUM=/usr/bin/google-chrome
+CHROMIUM ?= $(firstword $(wildcard /usr/bin/chromium) $(shell command -v chromium))
 
-.PHONY: install run test check-export check-readme readme notebook bench clean
+.PHONY: install run test check-export check-readme readme notebook bench clean plotlyjs site-check docs
 
 install: $(VENV)/.installed
 
@@ -18,6 +20,7 @@ run: install
 test: install check-export check-readme
 	$(BIN)/nbdev_test
 	$(BIN)/pytest -q tests
+	@if [ -n "$(CHROMIUM)" ]; then $(MAKE) --no-print-directory site-check; else echo "no Chromium: the browser check of the site (make site-check) was skipped"; fi
 
 # the package must be exactly what the notebooks export
 check-export: install
@@ -36,8 +39,20 @@ check-readme: install
 notebook: install
 	$(BIN)/jupyter notebook --notebook-dir=nbs
 
+# the figures' script, next to the notebooks for Jupyter and Quarto
+plotlyjs: install
+	$(BIN)/python -c "from secondorder_cnn.landscape import plotlyjs; plotlyjs('nbs')"
+
+# the site's pages in headless Chromium: figures drawn, 3D scenes turn, nothing fetched from the internet
+site-check: install plotlyjs
+	CHROMIUM="$(CHROMIUM)" $(BIN)/python tools/site_check.py
+
+docs: install plotlyjs
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; \
+	else echo "the site needs Quarto (https://quarto.org/docs/get-started/): running site-check instead"; $(MAKE) --no-print-directory site-check; fi
+
 bench: install
 	$(BIN)/python benchmarks/data.py
 
 clean:
-	rm -rf _proc _docs .pytest_cache nbs/.quarto
+	rm -rf _proc _docs _site_check .pytest_cache nbs/.quarto nbs/plotly.min.js
