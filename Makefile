@@ -28,12 +28,15 @@ check-export: install
 	if diff -r -x __pycache__ $$tmp/secondorder_cnn secondorder_cnn; then rm -rf $$tmp; \
 	else rm -rf $$tmp; echo "secondorder_cnn/ was not what nbs/ exports (now re-exported): review and commit it"; exit 1; fi
 
-# README.md is nbs/index.ipynb rendered to Markdown
+# README.md is nbs/index.ipynb rendered to Markdown, without the cells the site hides or shows only the output of
+# (`#| hide`, `#| echo: false`: the live figure, which GitHub could not draw)
+README_MD := $(BIN)/jupyter nbconvert --to markdown --stdout --log-level=WARN --RegexRemovePreprocessor.patterns='^\#\| (hide|echo: false)' nbs/index.ipynb
+
 readme: install
-	$(BIN)/jupyter nbconvert --to markdown --stdout --log-level=WARN nbs/index.ipynb > README.md
+	$(README_MD) > README.md
 
 check-readme: install
-	@$(BIN)/jupyter nbconvert --to markdown --stdout --log-level=WARN nbs/index.ipynb | diff -q - README.md >/dev/null || \
+	@$(README_MD) | diff -q - README.md >/dev/null || \
 	{ echo "README.md differs from nbs/index.ipynb: run make readme"; exit 1; }
 
 notebook: install
