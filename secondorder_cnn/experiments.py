@@ -231,30 +231,43 @@ def _finished_runs(out) -> list[tuple[Path, dict]]:
     rank = lambda f: (DATASETS.index(f.parts[-4]), list(OPTIMIZERS).index(f.parts[-3]) if f.parts[-3] in OPTIMIZERS else len(OPTIMIZERS), f.parts[-3], int(f.parts[-2][4:]))
     return [(f.parent, load_json(f)) for f in sorted(fs, key=rank)]
 
+def _select_runs(out, datasets=None, optimizers=None, seeds=None) -> list[tuple[Path, dict]]:
+    "Folder and metrics of the finished runs in `out` of `datasets`, `optimizers` and `seeds` (all of them where None)"
+    ds = None if datasets is None else [check_dataset(d) for d in _names(datasets)]
+    os_ = None if optimizers is None else [check_choice(o, tuple(OPTIMIZERS), 'optimizer') for o in _names(optimizers)]
+    ss = None if seeds is None else [_seed(s) for s in _names(seeds)]
+    return [(d, m) for d, m in _finished_runs(check_out(out)) if (ds is None or m['config']['dataset'] in ds)
+            and (os_ is None or m['config']['optimizer'] in os_) and (ss is None or m['config']['seed'] in ss)]
+
+def _subset(dataset:str, n:int, device, cache:dict) -> tuple:
+    "The fixed stratified subset of `n` training samples of `dataset` (seed 0; all of it if smaller) on `device`, kept in `cache`"
+    if dataset not in cache:
+        x, y = load_tensors(dataset, True)
+        i = stratified_subset(y, min(n, len(y)), seed=0)
+        cache[dataset] = x[i].to(device), y[i].to(device)
+    return cache[dataset]
+
+def _run_model(d:Path, device) -> nn.Module:
+    "The trained LeNet5 of the run folder `d`, its weights loaded as plain tensors, on `device`"
+    model = LeNet5()
+    model.load_state_dict(torch.load(d/'model.pt', weights_only=True, map_location='cpu'))
+    return to_device(model, device)
+
 def curvature(out='results', datasets=None, optimizers=None, seeds=None,
               n:int=2000, # training samples the Hessian is taken on
               device=None, force:bool=False, log=print, **budgets) -> list[dict]:
     "Measure and store the curvature of the finished runs in `out` (those of `datasets`, `optimizers`, `seeds` if given); what each holds"
     check_int(n, 'samples')
     log = log or (lambda s: None)
-    ds = None if datasets is None else [check_dataset(d) for d in _names(datasets)]
-    os_ = None if optimizers is None else [check_choice(o, tuple(OPTIMIZERS), 'optimizer') for o in _names(optimizers)]
-    ss = None if seeds is None else [_seed(s) for s in _names(seeds)]
+    runs = _select_runs(out, datasets, optimizers, seeds)
     dev = _device(device) if isinstance(device, str) else (device or default_device())
-    runs = [(d, m) for d, m in _finished_runs(check_out(out)) if (ds is None or m['config']['dataset'] in ds)
-            and (os_ is None or m['config']['optimizer'] in os_) and (ss is None or m['config']['seed'] in ss)]
     data, res = {}, []
     for d, m in runs:
         c, f, name = m['config'], d/'curvature.json', '/'.join(d.parts[-3:])
         if m['status'] != 'ok': log(f"{name}: {m['status']}, no curvature"); continue
         if f.exists() and not force: res.append(load_json(f, 'trace')); log(f"{name}: curvature present, skipped"); continue
-        if c['dataset'] not in data:
-            x, y = load_tensors(c['dataset'], True)
-            i = stratified_subset(y, min(n, len(y)), seed=0)
-            data[c['dataset']] = x[i].to(dev), y[i].to(dev)
-        model = LeNet5()
-        model.load_state_dict(torch.load(d/'model.pt', weights_only=True, map_location='cpu'))
-        cv = dict(n_samples=len(data[c['dataset']][1]), subset_seed=0, **curvature_of(to_device(model, dev), *data[c['dataset']], **budgets))
+        x, y = _subset(c['dataset'], n, dev, data)
+        cv = dict(n_samples=len(y), subset_seed=0, **curvature_of(_run_model(d, dev), x, y, **budgets))
         _dump(cv, f)
         res.append(cv)
         log(f"{name}: λ1 {cv['top_eigenvalues'][0]:.4g}, λmin {cv['smallest_eigenvalue']:.3g}, trace {cv['trace']:.4g}, {cv['n_hvp']} HVPs in {cv['seconds']:.0f} s")

@@ -4,15 +4,15 @@
 
 # %% ../nbs/05_landscape.ipynb #3d8a6a95
 from __future__ import annotations
-import argparse, copy, hashlib, html, json, math, sys, time, warnings
+import argparse, copy, hashlib, html, json, math, time, warnings
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn, Tensor
-from .data import DATASETS, _write_atomic, check_dataset, default_device, load_tensors, stratified_subset
-from .model import LeNet5, _device, to_device
+from .data import DATASETS, _write_atomic, default_device
+from .model import _device
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS, check_choice
-from .experiments import _dump, _finished_runs, _names, _parser, _seed, check_int, check_out, load_json
+from .experiments import _dump, _parser, _run_model, _seed, _select_runs, _subset, check_int, load_json
 from .experiments import main as _experiments_main
 
 # %% auto #0
@@ -320,13 +320,8 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
     "Compute and store the landscapes of the finished runs in `out`, their pages and the index page; the landscapes"
     check_int(n, 'samples'); check_range(lo, hi, resolution)
     log = log or (lambda s: None)
-    ds = None if datasets is None else [check_dataset(d) for d in _names(datasets)]
-    os_ = None if optimizers is None else [check_choice(o, tuple(OPTIMIZERS), 'optimizer') for o in _names(optimizers)]
-    ss = None if seeds is None else [_seed(s) for s in _names(seeds)]
+    runs, out = _select_runs(out, datasets, optimizers, seeds), Path(out)
     dev = _device(device) if isinstance(device, str) else (device or default_device())
-    out = check_out(out)
-    runs = [(d, m) for d, m in _finished_runs(out) if (ds is None or m['config']['dataset'] in ds)
-            and (os_ is None or m['config']['optimizer'] in os_) and (ss is None or m['config']['seed'] in ss)]
     if not runs: raise ValueError(f"no finished run in {str(out)!r} matches: train some first with `secondorder-cnn run`")
     for d, m in runs:
         if m['status'] == 'ok' and not (d/'model.pt').exists(): raise ValueError(f"{d} has no model.pt: retrain it with `secondorder-cnn run --force`")
@@ -336,19 +331,11 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
         if m['status'] != 'ok': log(f"{name}: {m['status']}, no landscape"); continue
         settings = dict(resolution=resolution, range=[float(lo), float(hi)], seed=seed)
         ls = load_json(f, 'loss') if f.exists() and not force else None
-        if ls is not None and all(ls.get(k) == v for k, v in settings.items()):
-            log(f"{name}: landscape present, skipped")
-            fresh = False
+        fresh = ls is None or any(ls.get(k) != v for k, v in settings.items())
+        if not fresh: log(f"{name}: landscape present, skipped")
         else:
-            fresh = True
-            if c['dataset'] not in data:
-                x, y = load_tensors(c['dataset'], True)
-                i = stratified_subset(y, min(n, len(y)), seed=0)
-                data[c['dataset']] = x[i].to(dev), y[i].to(dev)
-            model = LeNet5()
-            model.load_state_dict(torch.load(d/'model.pt', weights_only=True, map_location='cpu'))
-            x, y = data[c['dataset']]
-            ls = dict(landscape_of(to_device(model, dev), x, y, resolution, lo, hi, seed), n_samples=len(y), **settings)
+            x, y = _subset(c['dataset'], n, dev, data)
+            ls = dict(landscape_of(_run_model(d, dev), x, y, resolution, lo, hi, seed), n_samples=len(y), **settings)
             _dump(ls, f)
             log(f"{name}: loss {ls['loss'][resolution // 2][resolution // 2]:.4f} at the centre, {max(map(max, ls['loss'])):.4g} at most, {ls['seconds']:.0f} s")
         if fresh or not (d/'landscape.html').exists():

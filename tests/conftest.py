@@ -1,6 +1,6 @@
 import gzip, hashlib, pickle, struct
 from pathlib import Path
-import numpy as np, pytest
+import numpy as np, pytest, torch
 
 
 @pytest.fixture(autouse=True)
@@ -10,6 +10,22 @@ def data_env(tmp_path, monkeypatch):
     monkeypatch.setenv('SECONDORDER_DATA', str(d))
     return d
 
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    "One thread here and in the processes started: on a shared machine, two threads of small ops wait on each other"
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def snapshot(d:Path) -> dict|None:
+    "Every path under `d` with its mtime and bytes: equal snapshots mean nothing changed"
+    if not d.exists(): return None
+    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob('*'))}
 
 def write_idx(path:Path, a:np.ndarray, gz:bool=False):
     "Write `a` (uint8) in the IDX format of MNIST: zero, zero, type 0x08, ndim, big-endian sizes, then the bytes"

@@ -4,31 +4,16 @@ import pytest, torch
 from torchvision.datasets import MNIST
 from secondorder_cnn.experiments import main, plan
 from secondorder_cnn.model import LeNet5
-from conftest import fake_cifar, fake_mnist
+from conftest import fake_cifar, fake_mnist, snapshot
 
 CMD = [sys.executable, '-c', 'from secondorder_cnn.experiments import main; main()']
 SHORT = ['--epochs', '1', '--bs', '256', '--device', 'cpu']
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    "One thread here and in the processes started: on a shared machine, two threads of small ops wait on each other"
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def cli(*args, **kw):
     "`secondorder-cnn args` in a new process (the worktree's code, whatever the installed entry point says)"
     return subprocess.run([*CMD, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
-
-
-def snapshot(d:Path) -> dict|None:
-    "Every path under `d` with its mtime and bytes: equal snapshots mean nothing changed"
-    if not d.exists(): return None
-    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob('*'))}
 
 
 def metrics(d:Path) -> dict:

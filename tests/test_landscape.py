@@ -5,24 +5,13 @@ from torch import nn
 from secondorder_cnn.data import load_tensors, stratified_subset
 from secondorder_cnn.model import LeNet5
 from secondorder_cnn.landscape import landscape_1d, landscape_2d, random_direction, orthogonalize, hessian_directions
+from conftest import snapshot
 
 CMD = [sys.executable, '-c', 'from secondorder_cnn.landscape import main; main()']
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def cli(*args): return subprocess.run([*CMD, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def snapshot(d:Path) -> dict:
-    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob('*'))}
 
 
 @pytest.fixture(scope='module')
