@@ -48,7 +48,7 @@ def main(steps=10, reps=3, dataset='fashion_mnist', layout='contiguous', threads
     batches = [b for b, _ in zip(trn, range(steps + 1))]
     torch.manual_seed(SEED)
     init = to_device(LeNet5(), 'cpu') if layout == 'channels_last' else LeNet5()
-    ours = {k: (lambda ps, k=k: make_optimizer(k, ps, **({'seed': SEED} if OPTIMIZERS[k].create_graph else {}))) for k in OPTIMIZERS}
+    ours = {k: (lambda ps, k=k: make_optimizer(k, ps, seed=SEED)) for k in OPTIMIZERS}
     variants = {**{k: (m, lambda i: None) for k, m in ours.items()}, **{v[0]: (v[1], v[2]) for v in PEERS.values()}}
     times, models, recs = {k: [] for k in variants}, {}, {}
     for _ in range(reps):

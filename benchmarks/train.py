@@ -2,7 +2,7 @@
 
     python benchmarks/train.py [--epochs 1] [--reps 2] [--threads N] [--full] [--results results]
 
-Each optimizer trains the same LeNet5 from the same weights on the same batches through `experiments.train`, which
+Each optimizer trains the same LeNet5 from the same weights on the same batches through `runs.train`, which
 is what `secondorder-cnn run` does (forward, backward, Hessian-vector products, update; the test-set evaluation
 after each epoch is timed apart). A row gives the best of `--reps` rounds, optimizers interleaved, with the loss
 evaluations and HVPs per epoch that explain the ratio. The preset's wall time (6 optimizers × 3 seeds × 10 epochs)
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from secondorder_cnn.data import get_dls
 from secondorder_cnn.model import LeNet5, evaluate, to_device
-from secondorder_cnn.experiments import PRESETS, plan, run_grid, train
+from secondorder_cnn.experiments import PRESETS, plan, run_grid
+from secondorder_cnn.runs import train
 
 
 def main(epochs=1, reps=2, threads=None, full=False, results='results'):

@@ -15,8 +15,9 @@ from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 from torchvision.datasets.utils import extract_archive
 
 # %% auto #0
-__all__ = ['DATASETS', 'SYSTEM_DIRS', 'DIGITS_TEST', 'check_dataset', 'data_root', 'search_dirs', 'tv_dataset', 'resize32',
-           'to_gray', 'stratified_subset', 'load_tensors', 'TensorLoader', 'default_device', 'get_dls']
+__all__ = ['DATASETS', 'DATASET_INFO', 'SYSTEM_DIRS', 'DIGITS_TEST', 'check_dataset', 'check_int', 'check_choice', 'dataset_info',
+           'data_root', 'search_dirs', 'write_atomic', 'tv_dataset', 'resize32', 'to_gray', 'stratified_subset',
+           'load_tensors', 'TensorLoader', 'default_device', 'resolve_device', 'get_dls']
 
 # %% ../nbs/00_data.ipynb #55dd1c15
 DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'digits')
@@ -26,6 +27,29 @@ def check_dataset(name:str) -> str:
     "`name` if it is one of `DATASETS`, else a `ValueError` listing them"
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     return name
+
+# %% ../nbs/00_data.ipynb #c1a0d7e3
+def check_int(x, name:str, lo:int=1) -> int:
+    "`x` if it is an integer ≥ `lo`, else a `ValueError`"
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < lo:
+        raise ValueError(f"{name} {x!r} must be an integer >= {lo}")
+    return int(x)
+
+def check_choice(value, allowed:tuple, name:str):
+    "`value` if it is one of `allowed`, else a `ValueError` listing them"
+    if value not in allowed:
+        raise ValueError(f"{name} {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+    return value
+
+# %% ../nbs/00_data.ipynb #c1a0d7e6
+DATASET_INFO = {'mnist': dict(in_channels=1, n_classes=10),
+                'fashion_mnist': dict(in_channels=1, n_classes=10),
+                'cifar10': dict(in_channels=1, n_classes=10),  # served in gray
+                'digits': dict(in_channels=1, n_classes=10)}
+
+def dataset_info(name:str) -> dict:
+    "`in_channels` and `n_classes` of dataset `name`"
+    return dict(DATASET_INFO[check_dataset(name)])
 
 # %% ../nbs/00_data.ipynb #9e9f0d90
 SYSTEM_DIRS = {'fashion_mnist': ('/usr/share/datasets/fashion-mnist',)}
@@ -39,19 +63,24 @@ def search_dirs(name:str, root:str|Path|None=None) -> list[Path]:
     ds = [data_root(root), os.environ.get('SECONDORDER_DATA'), *SYSTEM_DIRS.get(name, ())]
     return list(dict.fromkeys(Path(d).expanduser() for d in ds if d))
 
-# %% ../nbs/00_data.ipynb #282407de
-def _write_atomic(write, f:Path):
+# %% ../nbs/00_data.ipynb #c1a0d7e9
+def write_atomic(write, # called with the temporary path, writes the file there
+                 f:Path): # the file, its folder made if missing
     "Call `write(tmp)`, then rename `tmp` to `f`: a reader never sees half a file"
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f'.{f.name}.{os.getpid()}.tmp')
-    try: write(tmp); os.replace(tmp, f)
+    try:
+        write(tmp)
+        os.replace(tmp, f)
     finally: tmp.unlink(missing_ok=True)
 
+# %% ../nbs/00_data.ipynb #282407de
 def _copy_raw(src:Path, dst:Path):
     "Copy `src` to `dst`, decompressing it if it is a `.gz`"
     def write(tmp):
-        with (gzip.open if src.suffix == '.gz' else open)(src, 'rb') as i, open(tmp, 'wb') as o: shutil.copyfileobj(i, o)
-    _write_atomic(write, dst)
+        opener = gzip.open if src.suffix == '.gz' else open
+        with opener(src, 'rb') as raw, open(tmp, 'wb') as out: shutil.copyfileobj(raw, out)
+    write_atomic(write, dst)
 
 def _stage_idx(cls, dirs:list[Path], dest:Path) -> Path|None:
     "A root where torchvision's `cls` finds its IDX files, copying them to `dest/<Class>/raw` if needed"
@@ -70,11 +99,14 @@ def _stage_cifar(dirs:list[Path], dest:Path) -> Path|None:
     for d in dirs:
         if (d/CIFAR10.base_folder).is_dir(): return d
     for d in dirs:
-        if (d/CIFAR10.filename).exists(): extract_archive(str(d/CIFAR10.filename), str(dest)); return dest
+        if not (d/CIFAR10.filename).exists(): continue
+        extract_archive(str(d/CIFAR10.filename), str(dest))
+        return dest
 
 # %% ../nbs/00_data.ipynb #74379b3c
 _HOW = {'mnist': 'copy the four MNIST IDX files (.gz or not) from a machine with internet',
-        'fashion_mnist': 'install Debian\'s dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or copy the four IDX files',
+        'fashion_mnist': "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+                         'or copy the four IDX files',
         'cifar10': 'copy cifar-10-python.tar.gz or its folder cifar-10-batches-py from a machine with internet'}
 
 def tv_dataset(name:str, train:bool=True, root=None, download:bool=True):
@@ -85,14 +117,17 @@ def tv_dataset(name:str, train:bool=True, root=None, download:bool=True):
     why = 'download=False'
     if download:
         try: return cls(str(dest), train=train, download=True)
-        except Exception as e: why = f"download failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        except Exception as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            why = f"download failed: {reason}"
     raise FileNotFoundError(f"{name}: raw files not found in {', '.join(map(str, dirs))} ({why}); "
                             f"to use it offline, {_HOW[name]} into {dest} or set $SECONDORDER_DATA")
 
 # %% ../nbs/00_data.ipynb #1efeee30
 def resize32(x:Tensor) -> Tensor:
     "`uint8` images `(N, H, W)` resized to `(N, 1, 32, 32)` with PIL's bilinear filter, as `Resize((32, 32))`"
-    return torch.from_numpy(np.stack([np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)) for a in x.numpy()]))[:, None]
+    resized = [np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)) for a in x.numpy()]
+    return torch.from_numpy(np.stack(resized))[:, None]
 
 # %% ../nbs/00_data.ipynb #0e13185b
 def to_gray(x:np.ndarray|Tensor) -> Tensor:
@@ -116,9 +151,11 @@ def stratified_subset(y:Tensor, n:int, seed:int=0) -> Tensor:
 DIGITS_TEST = 360
 
 def _digits(train:bool) -> tuple[Tensor, Tensor]:
+    "Images and labels of scikit-learn's digits: the fixed test fifth, or the rest"
     from sklearn.datasets import load_digits
     d = load_digits()
-    x = F.interpolate(torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, size=(32, 32), mode='bilinear').clamp_(0, 1)
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16
+    x = F.interpolate(x, size=(32, 32), mode='bilinear').clamp_(0, 1)
     y = torch.tensor(d.target, dtype=torch.int64)
     test = torch.zeros(len(y), dtype=torch.bool)
     test[stratified_subset(y, DIGITS_TEST, seed=0)] = True
@@ -133,7 +170,7 @@ def load_tensors(name:str, train:bool=True, root=None, download:bool=True) -> tu
     if not f.exists():
         ds = tv_dataset(name, train, root, download)
         x = to_gray(ds.data) if name == 'cifar10' else resize32(ds.data)
-        _write_atomic(partial(torch.save, {'x': x, 'y': torch.as_tensor(ds.targets, dtype=torch.int64)}), f)
+        write_atomic(partial(torch.save, {'x': x, 'y': torch.as_tensor(ds.targets, dtype=torch.int64)}), f)
     d = torch.load(f, weights_only=True)
     return d['x'].float().div_(255), d['y']
 
@@ -147,21 +184,44 @@ class TensorLoader:
     def __iter__(self):
         n = len(self.y)
         if not self.shuffle: idx = None
-        else: idx = torch.randperm(n, generator=torch.Generator().manual_seed((self.seed << 20) + self.epoch)).to(self.y.device)
+        else:
+            g = torch.Generator().manual_seed((self.seed << 20) + self.epoch)
+            idx = torch.randperm(n, generator=g).to(self.y.device)
         self.epoch += 1
         for s in range(0, n, self.bs):
             if idx is None: yield self.x[s:s+self.bs], self.y[s:s+self.bs]
-            else: i = idx[s:s+self.bs]; yield self.x[i], self.y[i]
+            else:
+                i = idx[s:s+self.bs]
+                yield self.x[i], self.y[i]
 
 # %% ../nbs/00_data.ipynb #0260ecb8
 def default_device() -> torch.device:
     "The first GPU if there is one, else the CPU"
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
-def get_dls(name:str, bs:int=1000, root=None, device=None, n_train:int|None=None, seed:int=0) -> tuple[TensorLoader, TensorLoader]:
-    "Train (shuffled from `seed`) and test loaders of dataset `name` on `device`; `n_train` keeps a stratified subset"
+def resolve_device(device=None) -> torch.device:
+    "`device` (a name such as 'cpu' or 'cuda:1', or a `torch.device`) once checked, else `default_device()`"
+    if device is None: return default_device()
+    name = str(device) if isinstance(device, torch.device) else device
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; allowed: cpu, cuda, cuda:<index>, mps") from None
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return d
+
+# %% ../nbs/00_data.ipynb #c1a0d7ec
+def get_dls(name:str, # one of `DATASETS`
+            bs:int=1000, # batch size
+            root=None, # data folder, as for `data_root`
+            device=None, # where the tensors are kept, as for `resolve_device`
+            n_train:int|None=None, # keep a stratified subset of this many training samples
+            seed:int=0) -> tuple[TensorLoader, TensorLoader]: # shuffles the training set and draws the subset
+    "Train (shuffled from `seed`) and test loaders of dataset `name` on `device`"
+    dev = resolve_device(device)
     x, y = load_tensors(name, True, root)
-    if n_train is not None: i = stratified_subset(y, n_train, seed); x, y = x[i], y[i]
+    if n_train is not None:
+        keep = stratified_subset(y, n_train, seed)
+        x, y = x[keep], y[keep]
     xv, yv = load_tensors(name, False, root)
-    dev = torch.device(device) if device is not None else default_device()
     return TensorLoader(x.to(dev), y.to(dev), bs, shuffle=True, seed=seed), TensorLoader(xv.to(dev), yv.to(dev), bs)

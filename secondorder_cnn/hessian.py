@@ -9,9 +9,23 @@ import torch
 from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
 from torch import nn, Tensor
+from .data import check_choice
 
 # %% auto #0
-__all__ = ['Result', 'HessianOperator']
+__all__ = ['PROBES', 'hvp', 'Result', 'HessianOperator', 'probe', 'hutchinson_diag']
+
+# %% ../nbs/02_hessian.ipynb #a7e3c9d1
+def hvp(grads:list[Tensor], # gradients of the loss, built with `create_graph=True`
+        params:list[Tensor], # the parameters they are the gradients of
+        vs:list[Tensor], # one vector per gradient, shaped like it (with a leading dimension of `k` if `batched`)
+        retain_graph:bool=False, # keep the graph of `grads` for more products
+        batched:bool=False) -> list[Tensor]: # `vs` hold `k` vectors each, multiplied in one call
+    "Hessian-vector products $Hv$, one per parameter, from gradients `grads` built with `create_graph=True`"
+    out = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+    if not out: raise RuntimeError("the gradients carry no graph, so no Hessian-vector product can be taken: "
+                                   "build them with loss.backward(create_graph=True) (train_step does so)")
+    return list(torch.autograd.grad([g for g, _ in out], params, [v for _, v in out], retain_graph=retain_graph,
+                                    allow_unused=True, materialize_grads=True, is_grads_batched=batched))
 
 # %% ../nbs/02_hessian.ipynb #e2d371d0
 def _bar(it, show:bool, comment:str=''):
@@ -30,7 +44,7 @@ class Result(tuple):
 
 # %% ../nbs/02_hessian.ipynb #ea01824e
 class HessianOperator:
-    "Hessian of `criterion`'s mean loss of `model` on `data=(x, y)` or over a `dataloader`, w.r.t. its trainable parameters"
+    "Hessian, in `model`'s trainable parameters, of `criterion`'s mean loss on `data=(x, y)` or over a `dataloader`"
     def __init__(self, model:nn.Module, criterion, data:tuple|None=None, dataloader=None, progress:bool=False):
         if (data is None) == (dataloader is None): raise ValueError("give exactly one of data=(x, y) or dataloader=")
         self.model, self.criterion, self.progress, self.n_hvp = model, criterion, progress, 0
@@ -39,10 +53,12 @@ class HessianOperator:
         if not self.params: raise ValueError("the model has no parameter that requires grad")
         self.device = self.params[0].device
         first = next((b for b in self.batches if len(b[1])), None)
-        if first is None: raise ValueError("data is empty: expected at least one sample" if dataloader is None else "the dataloader is empty: expected at least one sample")
+        what = 'data is' if dataloader is None else 'the dataloader is'
+        if first is None: raise ValueError(f"{what} empty: expected at least one sample")
         g = self._grads(*first, allow_unused=True)
         if dataloader is None: self._g = [gi for gi in g if gi is not None]
-        self.params = [p for p, gi in zip(self.params, g) if gi is not None]  # a parameter the loss never touches has no curvature
+        # a parameter the loss never touches has no curvature
+        self.params = [p for p, gi in zip(self.params, g) if gi is not None]
         self.shapes, self.sizes = [p.shape for p in self.params], [p.numel() for p in self.params]
         self.n = sum(self.sizes)
 
@@ -52,7 +68,9 @@ class HessianOperator:
         self.model.eval()
         try:
             loss = self.criterion(self.model(x.to(self.device)), y.to(self.device))
-            if loss.dim() != 0: raise ValueError(f"criterion must return a scalar loss, got shape {tuple(loss.shape)}: use reduction='mean'")
+            if loss.dim() != 0:
+                shape = tuple(loss.shape)
+                raise ValueError(f"criterion must return a scalar loss, got shape {shape}: use reduction='mean'")
             return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=allow_unused)
         finally:
             for m, t in modes.items(): m.training = t
@@ -62,7 +80,8 @@ class HessianOperator:
 def _flat(self:HessianOperator, vs:list[Tensor]) -> Tensor:
     "The list of parameter-shaped tensors `vs` as one vector"
     if len(vs) != len(self.shapes) or any(v.shape != s for v, s in zip(vs, self.shapes)):
-        raise ValueError(f"expected {len(self.shapes)} tensors shaped {[tuple(s) for s in self.shapes]}, got {[tuple(v.shape) for v in vs]}")
+        want, got = [tuple(s) for s in self.shapes], [tuple(v.shape) for v in vs]
+        raise ValueError(f"expected {len(self.shapes)} tensors shaped {want}, got {got}")
     return torch.cat([v.reshape(-1) for v in vs])
 
 @patch
@@ -74,13 +93,12 @@ def _unflat(self:HessianOperator, v:Tensor) -> list[Tensor]:
 def _mv(self:HessianOperator, v:Tensor) -> Tensor:
     "$Hv$ for a flat vector `v`, or $HV$ row by row for a batch `v` of shape (k, P), vectorised over the rows"
     vs, batched = self._unflat(v.to(self.params[0])), v.dim() == 2
-    grad = lambda g: torch.autograd.grad(g, self.params, vs, retain_graph=True, is_grads_batched=batched, materialize_grads=True)
-    if hasattr(self, '_g'): hv = grad(self._g)
+    if hasattr(self, '_g'): hv = hvp(self._g, self.params, vs, retain_graph=True, batched=batched)
     else:
         hv, n = [torch.zeros_like(t) for t in vs], 0
         for x, y in self.batches:
             if len(y) == 0: continue
-            for h, b in zip(hv, grad(self._grads(x, y))): h.add_(b, alpha=len(y))
+            for h, b in zip(hv, hvp(self._grads(x, y), self.params, vs, batched=batched)): h.add_(b, alpha=len(y))
             n += len(y)
         if n == 0: raise ValueError("the dataloader is empty: expected at least one sample")
         hv = [h / n for h in hv]
@@ -96,13 +114,16 @@ def hvp(self:HessianOperator, v:list[Tensor]) -> list[Tensor]:
 @patch
 def dense(self:HessianOperator, max_params:int=10_000, chunk:int=64) -> Tensor:
     "The full $P \\times P$ Hessian, for models with at most `max_params` parameters"
-    if self.n > max_params: raise ValueError(f"a dense Hessian of {self.n:,} parameters is too large; allowed up to max_params={max_params:,}")
+    if self.n > max_params:
+        raise ValueError(f"a dense Hessian of {self.n:,} parameters is too large; "
+                         f"allowed up to max_params={max_params:,}")
     I = torch.eye(self.n, dtype=self.params[0].dtype, device=self.device)
     return torch.cat([self._mv(e) for e in I.split(chunk)])  # H is symmetric: rows are columns
 
 # %% ../nbs/02_hessian.ipynb #fb2593f6
 @patch
-def _lanczos(self:HessianOperator, v:Tensor, m:int, k:int=0, which:str='largest', tol:float|None=None, desc:str='Lanczos'):
+def _lanczos(self:HessianOperator, v:Tensor, m:int, k:int=0, which:str='largest', tol:float|None=None,
+             desc:str='Lanczos'):
     "Up to `m` Lanczos steps from `v`, stopping once the `k` wanted Ritz pairs have relative residuals below `tol`"
     m = min(m, self.n)
     V = v.new_empty(m, self.n)
@@ -150,12 +171,13 @@ def _power(self:HessianOperator, top_n:int, max_iter:int, tol:float, g:torch.Gen
             v = unit(hv)
             if eig is not None and abs(eig - tmp) / (abs(eig) + 1e-6) < tol: break
             eig = tmp
-        eigs.append(eig); vecs.append(v)
+        eigs.append(eig)
+        vecs.append(v)
     return eigs, vecs
 
 @patch
 def _randn(self:HessianOperator, g:torch.Generator) -> Tensor:
-    "A standard normal vector of length $P$ drawn from `g` on the CPU, so that a seed gives the same vector on any device"
+    "A standard normal vector of length $P$, drawn from `g` on the CPU: a seed gives the same one on any device"
     return torch.randn(self.n, generator=g, dtype=torch.float64).to(self.params[0])
 
 @patch
@@ -163,11 +185,12 @@ def eigenvalues(self:HessianOperator,
                 top_n:int=1, # how many eigenpairs
                 which:str='largest', # 'largest' (descending) or 'smallest' (most negative first)
                 method:str='lanczos', # 'lanczos', or 'power' for PyHessian's power iteration
-                tol:float|None=None, # relative residual (Lanczos, default 1e-5) or relative change (power, default 1e-3)
+                tol:float|None=None, # relative residual (Lanczos, default 1e-5) or change (power, default 1e-3)
                 max_iter:int=100, # Lanczos steps, or power iterations per eigenvalue
                 seed:int=0) -> Result:
     "`(eigenvalues, eigenvectors)`, with `.residuals`, `.n_hvp` and `.converged`"
-    if not 1 <= top_n <= self.n: raise ValueError(f"top_n={top_n} must be between 1 and the number of parameters, {self.n:,}")
+    if not 1 <= top_n <= self.n:
+        raise ValueError(f"top_n={top_n} must be between 1 and the number of parameters, {self.n:,}")
     if which not in ('largest', 'smallest'): raise ValueError(f"which={which!r}; allowed: 'largest', 'smallest'")
     if method not in ('lanczos', 'power'): raise ValueError(f"method={method!r}; allowed: 'lanczos', 'power'")
     if method == 'power' and which != 'largest': raise ValueError("method='power' finds only which='largest'")
@@ -186,15 +209,31 @@ def eigenvalues(self:HessianOperator,
         vecs = [V.T @ S[:, i].to(V) for i in idx]
         vecs = [u / u.norm() for u in vecs]
         converged = all(r <= tol * abs(e) for r, e in zip(res, eigs)) or len(a) == self.n
-        if not converged: warnings.warn(f"Lanczos stopped at max_iter={max_iter} with relative residuals up to {max(r / abs(e) for r, e in zip(res, eigs)):.1e} > tol={tol:g}")
+        if not converged:
+            worst = max(r / abs(e) for r, e in zip(res, eigs))
+            warnings.warn(f"Lanczos stopped at max_iter={max_iter} with relative residuals up to {worst:.1e} "
+                          f"> tol={tol:g}")
     return Result(eigs, [self._unflat(v) for v in vecs], residuals=res, n_hvp=self.n_hvp - n0, converged=converged)
+
+# %% ../nbs/02_hessian.ipynb #d9c99bb2
+PROBES = ('rademacher', 'gaussian')
+
+def probe(p:Tensor, # the probe takes its dtype and device, and its shape unless `shape` is given
+          dist:str='rademacher', # 'rademacher' (entries ±1) or 'gaussian' (standard normal)
+          gen:torch.Generator|None=None, # draws the entries, on its own device; default: torch's global generator
+          shape:tuple|None=None) -> Tensor: # the probe's shape, if not `p`'s
+    "A random vector shaped like `p`, entries ±1 ('rademacher') or standard normal ('gaussian'), drawn from `gen`"
+    check_choice(dist, PROBES, 'dist')
+    shape, dev = p.shape if shape is None else shape, p.device if gen is None else gen.device
+    if dist == 'gaussian': z = torch.randn(shape, generator=gen, dtype=p.dtype, device=dev)
+    else: z = torch.randint(0, 2, shape, generator=gen, dtype=p.dtype, device=dev).mul_(2).sub_(1)
+    return z.to(p.device)
 
 # %% ../nbs/02_hessian.ipynb #bdb5e5d0
 @patch
 def _signs(self:HessianOperator, g:torch.Generator, k:int|None=None) -> Tensor:
     "Rademacher vector(s) of length $P$ from `g`"
-    z = torch.randint(0, 2, (self.n,) if k is None else (k, self.n), generator=g).to(self.params[0])
-    return 2 * z - 1
+    return probe(self.params[0], 'rademacher', g, (self.n,) if k is None else (k, self.n))
 
 @patch
 def trace(self:HessianOperator,
@@ -209,7 +248,9 @@ def trace(self:HessianOperator,
     exact, Q = 0., None
     if method == 'hutch++':
         k = min(max_hvp // 3 if n_lowrank is None else n_lowrank, self.n)
-        if not 1 <= k < max_hvp / 2: raise ValueError(f"n_lowrank={k} must be at least 1 and leave room in max_hvp={max_hvp} for 2*n_lowrank products and samples")
+        if not 1 <= k < max_hvp / 2:
+            raise ValueError(f"n_lowrank={k} must be at least 1 and leave room in max_hvp={max_hvp} "
+                             f"for 2*n_lowrank products and samples")
         S = self._signs(g, k)
         Q = torch.linalg.qr(torch.stack([self._mv(s) for s in _bar(S, self.progress, 'sketch')], 1))[0]
         exact = sum(torch.dot(q, self._mv(q)).item() for q in _bar(Q.T, self.progress, 'exact part'))
@@ -230,6 +271,16 @@ def _stderr(s:list[float]) -> float:
     m = sum(s) / n
     return math.sqrt(sum((x - m)**2 for x in s) / (n - 1) / n)
 
+# %% ../nbs/02_hessian.ipynb #a7e3c9d9
+def hutchinson_diag(grads:list[Tensor], params:list[Tensor], n:int=1, dist:str='rademacher',
+                    gen:torch.Generator|None=None, retain_graph:bool=False) -> list[Tensor]:
+    "Hutchinson's estimate of the Hessian diagonal, one tensor per parameter: the mean of z ⊙ Hz over `n` probes"
+    est = [torch.zeros_like(p) for p in params]
+    for i in range(n):
+        zs = [probe(p, dist, gen) for p in params]
+        for e, z, hz in zip(est, zs, hvp(grads, params, zs, retain_graph or i < n - 1)): e.addcmul_(hz, z, value=1 / n)
+    return est
+
 # %% ../nbs/02_hessian.ipynb #b94e1d21
 @patch
 def density(self:HessianOperator,
@@ -244,7 +295,8 @@ def density(self:HessianOperator,
     for r in range(n_runs):
         a, b, _ = self._lanczos(self._randn(g), n_iter, desc=f'SLQ run {r + 1}/{n_runs}')
         theta, S = _ritz(a, b)
-        nodes.append(theta); weights.append(S[0]**2)
+        nodes.append(theta)
+        weights.append(S[0]**2)
     lo, hi = min(t.min().item() for t in nodes), max(t.max().item() for t in nodes)
     sigma = sigma or max(hi - lo, 1e-12) / 200
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid, dtype=torch.float64)

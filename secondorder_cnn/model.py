@@ -4,13 +4,13 @@
 
 # %% ../nbs/01_model.ipynb #24c582e9
 from __future__ import annotations
-import argparse, sys, time
+import time
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
-from .data import DATASETS, default_device, get_dls
+from .data import dataset_info
 
 # %% auto #0
-__all__ = ['LeNet5', 'n_params', 'evaluate', 'fit', 'to_device', 'demo', 'cli']
+__all__ = ['LeNet5', 'n_params', 'evaluate', 'fit', 'to_device']
 
 # %% ../nbs/01_model.ipynb #fe475edf
 class LeNet5(nn.Module):
@@ -23,6 +23,11 @@ class LeNet5(nn.Module):
             nn.Conv2d(16, 120, 5), nn.ReLU())
         self.classifier = nn.Sequential(nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes))
     def forward(self, x:Tensor) -> Tensor: return self.classifier(self.feature_extractor(x).flatten(1))
+
+    @classmethod
+    def for_dataset(cls, name:str) -> LeNet5:
+        "LeNet5 sized for dataset `name`: its channels and classes"
+        return cls(**dataset_info(name))
 
 def n_params(model:nn.Module) -> int:
     "Number of trainable parameters of `model`"
@@ -44,7 +49,9 @@ def evaluate(model:nn.Module, dl, criterion=F.cross_entropy) -> tuple[float, flo
     return loss / n, correct / n
 
 # %% ../nbs/01_model.ipynb #a4662db0
-def fit(model:nn.Module, opt:torch.optim.Optimizer, trn, tst, epochs:int, criterion=F.cross_entropy, log=None) -> list[dict]:
+def fit(model:nn.Module, opt:torch.optim.Optimizer, trn, tst, epochs:int,
+        criterion=F.cross_entropy, # loss of `model(xb)` against `yb`
+        log=None) -> list[dict]: # called with each epoch's record as it ends
     "Train `model` with `opt` for `epochs` over `trn`; per epoch, train loss, test loss and accuracy, seconds"
     hist = []
     for epoch in range(epochs):
@@ -55,7 +62,8 @@ def fit(model:nn.Module, opt:torch.optim.Optimizer, trn, tst, epochs:int, criter
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += loss.item() * len(yb); n += len(yb)
+            tot += loss.item() * len(yb)
+            n += len(yb)
         secs = time.perf_counter() - t0
         test_loss, test_acc = evaluate(model, tst, criterion)
         hist.append(dict(epoch=epoch + 1, train_loss=tot / n, test_loss=test_loss, test_acc=test_acc, seconds=secs))
@@ -67,42 +75,3 @@ def to_device(model:nn.Module, device) -> nn.Module:
     "`model` on `device`, its weights in `channels_last` format on the CPU"
     device = torch.device(device)
     return model.to(device, memory_format=torch.channels_last if device.type == 'cpu' else torch.preserve_format)
-
-# %% ../nbs/01_model.ipynb #1d7563ab
-class _Parser(argparse.ArgumentParser):
-    def error(self, message): self.exit(2, f'{self.prog}: error: {message}\n')
-
-def _device(s:str) -> torch.device:
-    try: d = torch.device(s)
-    except RuntimeError: raise ValueError(f"unknown device {s!r}; allowed: cpu, cuda, cuda:<index>, mps") from None
-    if d.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {s!r} asked for, but no CUDA GPU is available")
-    return d
-
-def demo(dataset:str='digits', epochs:int=10, bs:int=64, lr:float=1e-3, seed:int=0, device=None, root=None) -> list[dict]:
-    "Train LeNet5 with Adam on `dataset`, printing each epoch and the final test accuracy"
-    if epochs < 1: raise ValueError(f"epochs {epochs} must be at least 1")
-    if not lr > 0: raise ValueError(f"lr {lr} must be positive")
-    dev = _device(device) if device else default_device()
-    trn, tst = get_dls(dataset, bs, root, dev, seed=seed)
-    torch.manual_seed(seed)
-    model = to_device(LeNet5(), dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    print(f"LeNet5 ({n_params(model):,} parameters), Adam lr {lr}, {dataset}: {len(trn.y):,} train / {len(tst.y):,} test, bs {bs}, {dev}")
-    print(f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8} {'seconds':>7}")
-    log = lambda h: print(f"{h['epoch']:>5} {h['train_loss']:>10.4f} {h['test_loss']:>9.4f} {h['test_acc']:>8.2%} {h['seconds']:>7.2f}", flush=True)
-    hist = fit(model, opt, trn, tst, epochs, log=log)
-    print(f"test accuracy: {hist[-1]['test_acc']:.2%}")
-    return hist
-
-def cli(argv:list[str]|None=None):
-    "Train LeNet5 with Adam on a dataset and print its test accuracy"
-    p = _Parser(prog='secondorder-cnn', description=cli.__doc__)
-    p.add_argument('--dataset', default='digits', help=f"one of {', '.join(DATASETS)}")
-    p.add_argument('--epochs', type=int, default=10)
-    p.add_argument('--bs', type=int, default=64, help='batch size')
-    p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default=None, help='cpu, cuda, ... (default: a GPU if there is one)')
-    p.add_argument('--root', default=None, help='data folder (default: $SECONDORDER_DATA or ~/.cache/secondorder_cnn)')
-    try: demo(**vars(p.parse_args(argv)))
-    except (ValueError, FileNotFoundError) as e: p.error(str(e))

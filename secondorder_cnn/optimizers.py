@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from torch.optim import Optimizer
+from .data import check_choice, check_int
+from .hessian import PROBES, hutchinson_diag, hvp, probe
 
 # %% auto #0
-__all__ = ['PROBES', 'REBOUNDS', 'WEIGHT_DECAYS', 'OPTIMIZERS', 'check_lr', 'check_betas', 'check_choice', 'probe', 'hvp',
-           'hutchinson_diag', 'HessianOptimizer', 'AdaHessian', 'Apollo', 'SophiaH', 'LBFGS', 'OptSpec',
-           'make_optimizer', 'train_step']
+__all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'OPTIMIZERS', 'check_lr', 'check_betas', 'HessianOptimizer', 'AdaHessian', 'Apollo',
+           'SophiaH', 'LBFGS', 'OptSpec', 'make_optimizer', 'train_step']
 
 # %% ../nbs/03_optimizers.ipynb #baf27d3b
 def _check(ok:bool, msg:str):
@@ -33,45 +34,15 @@ def check_betas(betas, name:str='betas') -> tuple:
         _check(_number(b) and 0 <= b < 1, f"{n} {b!r} must be in [0, 1)")
     return betas
 
-def check_choice(value, allowed:tuple, name:str):
-    "`value` if it is one of `allowed`, else a `ValueError` listing them"
-    _check(value in allowed, f"{name} {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
-    return value
-
-# %% ../nbs/03_optimizers.ipynb #d9c99bb2
-PROBES = ('rademacher', 'gaussian')
-
-def probe(p:Tensor, dist:str='rademacher', gen:torch.Generator|None=None) -> Tensor:
-    "A random vector shaped like `p`: entries ±1 ('rademacher') or standard normal ('gaussian'), drawn from `gen`"
-    if dist == 'rademacher': return torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype, device=p.device).mul_(2).sub_(1)
-    if dist == 'gaussian': return torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
-    check_choice(dist, PROBES, 'dist')
-
-def hvp(grads:list[Tensor], params:list[Tensor], vs:list[Tensor], retain_graph:bool=False) -> list[Tensor]:
-    "Hessian-vector products $Hv$, one per parameter, from gradients `grads` built with `create_graph=True`"
-    out = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-    if not out: raise RuntimeError("the gradients carry no graph, so no Hessian-vector product can be taken: "
-                                   "build them with loss.backward(create_graph=True) (train_step does so)")
-    return list(torch.autograd.grad([g for g, _ in out], params, [v for _, v in out], retain_graph=retain_graph,
-                                    allow_unused=True, materialize_grads=True))
-
-def hutchinson_diag(grads:list[Tensor], params:list[Tensor], n:int=1, dist:str='rademacher',
-                    gen:torch.Generator|None=None, retain_graph:bool=False) -> list[Tensor]:
-    "Hutchinson's estimate of the Hessian diagonal, one tensor per parameter: the mean of z ⊙ Hz over `n` probes"
-    est = [torch.zeros_like(p) for p in params]
-    for i in range(n):
-        zs = [probe(p, dist, gen) for p in params]
-        for e, z, hz in zip(est, zs, hvp(grads, params, zs, retain_graph or i < n - 1)): e.addcmul_(hz, z, value=1 / n)
-    return est
-
 # %% ../nbs/03_optimizers.ipynb #29f903be
 class HessianOptimizer(Optimizer):
     "Base of the optimizers that estimate the Hessian diagonal: a probe generator saved with the state, HVPs counted"
     def __init__(self, params, defaults:dict,
                  generator:torch.Generator|None=None, # draws the probes; default: a new one, seeded from `seed`
                  seed:int|None=None): # seed of that new generator; default: drawn from torch's global generator
-        _check(_number(defaults['update_each']) and defaults['update_each'] >= 1 and int(defaults['update_each']) == defaults['update_each'],
-               f"update_each {defaults['update_each']!r} must be an integer >= 1")
+        update_each = defaults['update_each']
+        _check(_number(update_each) and update_each >= 1 and int(update_each) == update_each,
+               f"update_each {update_each!r} must be an integer >= 1")
         super().__init__(params, defaults)
         if generator is None:
             generator = torch.Generator(self.param_groups[0]['params'][0].device)
@@ -109,7 +80,9 @@ class AdaHessian(HessianOptimizer):
                  update_each:int=1, # refresh the Hessian estimate every this many steps
                  generator:torch.Generator|None=None, # draws the probes; default: a new one, seeded from `seed`
                  seed:int|None=None): # seed of that new generator; default: drawn from torch's global generator
-        check_lr(lr); check_betas(betas); check_lr(eps, 'eps'); check_lr(weight_decay, 'weight_decay')
+        check_lr(lr)
+        check_betas(betas)
+        for value, name in ((eps, 'eps'), (weight_decay, 'weight_decay')): check_lr(value, name)
         _check(_number(hessian_power) and 0 <= hessian_power <= 1, f"hessian_power {hessian_power!r} must be in [0, 1]")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       hessian_power=hessian_power, update_each=update_each), generator, seed)
@@ -135,7 +108,8 @@ class AdaHessian(HessianOptimizer):
             for p in group['params']:
                 st = self.state[p]
                 if p.grad is None or 'hess' not in st: continue
-                if 'exp_avg' not in st: st['exp_avg'], st['exp_hess_sq'] = torch.zeros_like(p), torch.zeros_like(st['hess'])
+                if 'exp_avg' not in st:
+                    st['exp_avg'], st['exp_hess_sq'] = torch.zeros_like(p), torch.zeros_like(st['hess'])
                 m, v, d = st['exp_avg'], st['exp_hess_sq'], st['hess']
                 p.grad = g = p.grad.detach()  # frees the graph the gradient was built with
                 m.mul_(b1).add_(g, alpha=1 - b1)
@@ -155,20 +129,23 @@ class Apollo(Optimizer):
                  lr:float=0.01, # learning rate $\eta$ after warmup
                  beta:float=0.9, # decay of the gradient's moving average
                  eps:float=1e-4, # guards the norm of the direction (divided by `sigma` with the constant rebound)
-                 rebound:str='constant', # 'constant': $D = \max(|B|, \sigma)$; 'belief': $\max(|B|, \|g - m\|_\infty) + \epsilon/\alpha$
+                 rebound:str='constant', # 'constant': $D = \max(|B|, \sigma)$; 'belief': see above
                  sigma:float=0.01, # bound of the constant rebound: 0.01 in the current code, 1 in the code of 2021
                  warmup:int=500, # steps of linear warmup from `init_lr` to `lr`
                  init_lr:float=1e-5, # learning rate of the first step
                  weight_decay:float=0., # weight decay $\lambda$
-                 weight_decay_type:str|None=None): # 'L2', 'decoupled' or 'stable'; default: 'L2' with the constant rebound, else 'decoupled'
-        check_lr(lr); check_betas(beta, 'beta'); check_lr(eps, 'eps'); check_lr(init_lr, 'init_lr'); check_lr(weight_decay, 'weight_decay')
+                 weight_decay_type:str|None=None): # 'L2', 'decoupled' or 'stable'; default: as the reference
+        check_lr(lr)
+        check_betas(beta, 'beta')
+        for value, name in ((eps, 'eps'), (init_lr, 'init_lr'), (weight_decay, 'weight_decay')): check_lr(value, name)
         check_choice(rebound, REBOUNDS, 'rebound')
         _check(_number(sigma) and math.isfinite(sigma) and sigma > 0, f"sigma {sigma!r} must be a finite number > 0")
         _check(_number(warmup) and warmup >= 0, f"warmup {warmup!r} must be a number of steps >= 0")
         if weight_decay_type is None: weight_decay_type = 'L2' if rebound == 'constant' else 'decoupled'
         check_choice(weight_decay_type, WEIGHT_DECAYS, 'weight_decay_type')
-        super().__init__(params, dict(lr=lr, beta=beta, eps=eps, rebound=rebound, sigma=sigma, warmup=warmup, init_lr=init_lr,
-                                      weight_decay=weight_decay, weight_decay_type=weight_decay_type))
+        defaults = dict(lr=lr, beta=beta, eps=eps, rebound=rebound, sigma=sigma, warmup=warmup, init_lr=init_lr,
+                        weight_decay=weight_decay, weight_decay_type=weight_decay_type)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -181,13 +158,15 @@ class Apollo(Optimizer):
             group['step'] = t + 1
             lr0, lr, T = group['init_lr'], group['lr'], group['warmup']
             lr_t = (lr - lr0) * t / T + lr0 if t < T else lr
-            beta, wd, wdt, sigma, belief = group['beta'], group['weight_decay'], group['weight_decay_type'], group['sigma'], group['rebound'] == 'belief'
+            beta, sigma, belief = group['beta'], group['sigma'], group['rebound'] == 'belief'
+            wd, wdt = group['weight_decay'], group['weight_decay_type']
             alpha = (1 - beta) / (1 - beta ** (t + 1))
             eps = group['eps'] if belief else group['eps'] / sigma
             for p in group['params']:
                 if p.grad is None: continue
                 st = self.state[p]
-                if not st: st['exp_avg_grad'], st['approx_hessian'], st['update'] = (torch.zeros_like(p) for _ in range(3))
+                if not st:
+                    st['exp_avg_grad'], st['approx_hessian'], st['update'] = (torch.zeros_like(p) for _ in range(3))
                 m, B, d = st['exp_avg_grad'], st['approx_hessian'], st['update']
                 g = p.grad.add(p, alpha=wd) if wd and wdt == 'L2' else p.grad
                 dg = g - m
@@ -218,11 +197,14 @@ class SophiaH(HessianOptimizer):
                  dist:str='gaussian', # probe distribution: 'gaussian' or 'rademacher'
                  generator:torch.Generator|None=None, # draws the probes; default: a new one, seeded from `seed`
                  seed:int|None=None): # seed of that new generator; default: drawn from torch's global generator
-        check_lr(lr); check_betas(betas); check_lr(gamma, 'gamma'); check_lr(eps, 'eps'); check_lr(weight_decay, 'weight_decay')
+        check_lr(lr)
+        check_betas(betas)
+        for value, name in ((gamma, 'gamma'), (eps, 'eps'), (weight_decay, 'weight_decay')): check_lr(value, name)
         check_choice(dist, PROBES, 'dist')
-        _check(isinstance(n_probes, int) and n_probes >= 1, f"n_probes {n_probes!r} must be an integer >= 1")
-        super().__init__(params, dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay, update_each=update_each,
-                                      n_probes=n_probes, dist=dist), generator, seed)
+        check_int(n_probes, 'n_probes')
+        defaults = dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay, update_each=update_each,
+                        n_probes=n_probes, dist=dist)
+        super().__init__(params, defaults, generator, seed)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -261,40 +243,51 @@ class LBFGS(torch.optim.LBFGS):
 # %% ../nbs/03_optimizers.ipynb #c46606ee
 @dataclass(frozen=True)
 class OptSpec:
-    "How to build one optimizer, and what its training step needs"
+    "How to build one optimizer"
     cls: type # the `torch.optim.Optimizer` subclass
     kwargs: dict # its settings (the others are the class defaults)
     doc: str # where the settings come from
-    closure: bool = False # `step` needs a closure that re-evaluates the loss, and may call it several times
-    create_graph: bool = False # the steps that estimate curvature need gradients built with `create_graph=True`
+    seeded: bool = False # takes a `seed` for its probes
 
 OPTIMIZERS = {
-    'adam': OptSpec(torch.optim.Adam, {}, "torch defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8), as in the original study"),
-    'sgd': OptSpec(torch.optim.SGD, dict(lr=0.01, momentum=0.9), "SGD with momentum 0.9, lr 0.01: the first-order baseline the study lacked"),
-    'lbfgs': OptSpec(LBFGS, dict(lr=1., history_size=5, max_iter=4, line_search_fn='strong_wolfe'),
-                     "the original study's L-BFGS: 5 pairs of history, 4 iterations per batch, strong Wolfe line search", closure=True),
-    'adahessian': OptSpec(AdaHessian, dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0., hessian_power=1.),
-                          "the authors' defaults (image_classification/optim_adahessian.py), as the original study ran it", create_graph=True),
-    'apollo': OptSpec(Apollo, dict(lr=0.5, beta=0.9, eps=1e-4, rebound='constant', sigma=1., warmup=100, init_lr=0.01, weight_decay=0.),
-                      "the original study's Apollo: lr 0.5 on the code of 2021 (rebound bound sigma 1, warmup 100, init_lr 0.01)"),
-    'apollo-2023': OptSpec(Apollo, dict(lr=0.01, beta=0.9, eps=1e-4, rebound='constant', sigma=0.01, warmup=500, init_lr=1e-5, weight_decay=0.),
-                           "Apollo as its current code and README recommend: sigma 0.01, lr 0.01, warmup 500, init_lr 1e-5"),
-    'sophiah': OptSpec(SophiaH, dict(lr=6e-2, betas=(0.96, 0.99), gamma=1e-2, eps=1e-12, update_each=10, dist='gaussian'),
-                       "the paper's SophiaH (Gaussian probes every 10 steps, betas (0.96, 0.99)), pytorch_optimizer's lr 0.06 and gamma 0.01",
-                       create_graph=True),
+    'adam': OptSpec(
+        torch.optim.Adam, {},
+        "torch defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8), as in the original study"),
+    'sgd': OptSpec(
+        torch.optim.SGD, dict(lr=0.01, momentum=0.9),
+        "SGD with momentum 0.9, lr 0.01: the first-order baseline the study lacked"),
+    'lbfgs': OptSpec(
+        LBFGS, dict(lr=1., history_size=5, max_iter=4, line_search_fn='strong_wolfe'),
+        "the original study's L-BFGS: 5 pairs of history, 4 iterations per batch, strong Wolfe line search"),
+    'adahessian': OptSpec(
+        AdaHessian, dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0., hessian_power=1.),
+        "the authors' defaults (image_classification/optim_adahessian.py), as the original study ran it", seeded=True),
+    'apollo': OptSpec(
+        Apollo, dict(lr=0.5, beta=0.9, eps=1e-4, rebound='constant', sigma=1., warmup=100, init_lr=0.01,
+                     weight_decay=0.),
+        "the original study's Apollo: lr 0.5 on the code of 2021 (rebound bound sigma 1, warmup 100, init_lr 0.01)"),
+    'apollo-2023': OptSpec(
+        Apollo, dict(lr=0.01, beta=0.9, eps=1e-4, rebound='constant', sigma=0.01, warmup=500, init_lr=1e-5,
+                     weight_decay=0.),
+        "Apollo as its current code and README recommend: sigma 0.01, lr 0.01, warmup 500, init_lr 1e-5"),
+    'sophiah': OptSpec(
+        SophiaH, dict(lr=6e-2, betas=(0.96, 0.99), gamma=1e-2, eps=1e-12, update_each=10, dist='gaussian'),
+        "the paper's SophiaH (Gaussian probes every 10 steps, betas (0.96, 0.99)), "
+        "pytorch_optimizer's lr 0.06 and gamma 0.01", seeded=True),
 }
 
 def make_optimizer(name:str, # a key of `OPTIMIZERS`
                    params, # parameters or parameter groups, as for any `torch.optim.Optimizer`
+                   seed:int|None=None, # seeds the probes of the optimizers that draw them; others ignore it
                    **overrides) -> Optimizer: # settings that replace the registry's
     "The optimizer `name` of `OPTIMIZERS` on `params`, its registry settings updated by `overrides`"
-    check_choice(name, tuple(OPTIMIZERS), 'optimizer')
-    spec = OPTIMIZERS[name]
+    spec = OPTIMIZERS[check_choice(name, tuple(OPTIMIZERS), 'optimizer')]
     allowed = [k for k in inspect.signature(spec.cls).parameters if k != 'params']
     for k in overrides: _check(k in allowed, f"{name} has no setting {k!r}; allowed: {', '.join(allowed)}")
     kw = {**spec.kwargs, **overrides}
     if 'lr' in kw: check_lr(kw['lr'])
     if 'betas' in kw: check_betas(kw['betas'])
+    if spec.seeded: kw['seed'] = seed
     return spec.cls(params, **kw)
 
 # %% ../nbs/03_optimizers.ipynb #a64118b8
@@ -302,33 +295,39 @@ class _NonFinite(Exception): pass
 
 def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
                criterion=F.cross_entropy, # loss of `model(xb)` against `yb`
-               create_graph:bool|None=None) -> dict: # build gradients with `create_graph`; default: as `opt.create_graph` says
-    "One step of `opt` on (`xb`, `yb`): the loss before it, loss evaluations, Hessian-vector products, and whether it diverged"
+               create_graph:bool|None=None) -> dict: # build gradients with `create_graph`; default: `opt.create_graph`
+    "One step of `opt` on (`xb`, `yb`): loss and accuracy before it, loss evaluations, HVPs, whether it diverged"
     ps = [p for g in opt.param_groups for p in g['params'] if p.requires_grad]
     if create_graph is None: create_graph = getattr(opt, 'create_graph', False)
-    if not hasattr(opt, 'last_good'): opt.last_good = None
-    losses, n_hvp = [], getattr(opt, 'n_hvp', 0)
+    losses, first_acc, n_hvp = [], [], getattr(opt, 'n_hvp', 0)
+    saved = opt.state['train_step']  # the last weights at which the loss was finite
     def closure():
-        loss = criterion(model(xb), yb)
+        out = model(xb)
+        loss = criterion(out, yb)
         losses.append(loss.item())
+        if len(losses) == 1 and out.dim() == 2 and not yb.is_floating_point():
+            first_acc.append((out.argmax(1) == yb).float().mean())
         if not math.isfinite(losses[-1]): raise _NonFinite
         if len(losses) == 1:
             with torch.no_grad():
-                if opt.last_good is None: opt.last_good = [p.detach().clone() for p in ps]
-                else: torch._foreach_copy_(opt.last_good, ps)
+                if 'last_finite' in saved: torch._foreach_copy_(saved['last_finite'], ps)
+                else: saved['last_finite'] = [p.detach().clone() for p in ps]
         gs = torch.autograd.grad(loss, ps, create_graph=create_graph, allow_unused=True)
-        for p, g in zip(ps, gs): p.grad = g.clone() if create_graph and g is not None else g  # a view could not be detached in place
+        # a clone, as a view could not be detached in place
+        for p, g in zip(ps, gs): p.grad = g.clone() if create_graph and g is not None else g
         return loss
     try:
         opt.step(closure)
         if not all(torch.isfinite(p).all() for p in ps): raise _NonFinite
         diverged = False
     except _NonFinite:
-        with torch.no_grad():
-            if opt.last_good is not None: torch._foreach_copy_(ps, opt.last_good)
+        if 'last_finite' in saved:
+            with torch.no_grad(): torch._foreach_copy_(ps, saved['last_finite'])
         if isinstance(opt, torch.optim.LBFGS): opt.state.clear()
         diverged = True
     for p in ps:
         if diverged: p.grad = None
-        elif p.grad is not None and p.grad.requires_grad: p.grad.detach_()  # breaks the cycle weight → grad → graph → weight
-    return dict(loss=losses[0], n_loss_evals=len(losses), n_hvp=getattr(opt, 'n_hvp', 0) - n_hvp, diverged=diverged)
+        elif p.grad is not None and p.grad.requires_grad: p.grad.detach_()  # breaks the cycle through the graph
+    acc = first_acc[0].item() if first_acc else None
+    return dict(loss=losses[0], acc=acc, n_loss_evals=len(losses), n_hvp=getattr(opt, 'n_hvp', 0) - n_hvp,
+                diverged=diverged)

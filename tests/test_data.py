@@ -143,3 +143,13 @@ def test_n_train_subset_is_stratified_and_seeded():
     counts = torch.bincount(trn.y)
     assert len(trn.y) == 300 and counts.max() - counts.min() <= 2
     assert torch.equal(trn.y, get_dls('digits', device='cpu', n_train=300, seed=4)[0].y)
+
+
+@pytest.mark.parametrize('device, msg', [
+    ('gpu0', "unknown device 'gpu0'; allowed: cpu, cuda, cuda:<index>, mps"),
+    pytest.param('cuda:0', "device 'cuda:0' asked for, but no CUDA GPU is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is here')),
+])
+def test_bad_device_is_one_clear_error(device, msg):
+    with pytest.raises(ValueError) as e: get_dls('digits', device=device)
+    assert str(e.value) == msg

@@ -2,11 +2,12 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from torchvision.datasets import MNIST
-from secondorder_cnn.experiments import main, plan
+from secondorder_cnn.cli import main
+from secondorder_cnn.experiments import plan
 from secondorder_cnn.model import LeNet5
 from conftest import fake_cifar, fake_mnist, snapshot
 
-CMD = [sys.executable, '-c', 'from secondorder_cnn.experiments import main; main()']
+CMD = [sys.executable, '-c', 'from secondorder_cnn.cli import main; main()']
 SHORT = ['--epochs', '1', '--bs', '256', '--device', 'cpu']
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -2,7 +2,7 @@ import math, warnings
 import pytest, torch, torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian as func_hessian
-from secondorder_cnn.hessian import HessianOperator
+from secondorder_cnn.hessian import PROBES, HessianOperator, hutchinson_diag, probe
 from secondorder_cnn.model import LeNet5, to_device
 
 
@@ -159,3 +159,47 @@ def test_bad_construction(data):
     with pytest.raises(ValueError, match='give exactly one of'): HessianOperator(mlp(), F.cross_entropy, data=data, dataloader=[data])
     with pytest.raises(ValueError, match='give exactly one of'): HessianOperator(mlp(), F.cross_entropy)
     with pytest.raises(ValueError, match='no parameter that requires grad'): HessianOperator(mlp().requires_grad_(False), F.cross_entropy, data=data)
+
+
+# ---------- Hutchinson ----------
+
+def test_hutchinson_averages_its_probes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    ps = list(net.parameters())
+    gs = torch.autograd.grad(F.cross_entropy(net(torch.randn(8, 3, dtype=torch.float64)), torch.randint(0, 2, (8,))), ps, create_graph=True)
+    for dist in PROBES:
+        one = [hutchinson_diag(gs, ps, 1, dist, torch.Generator().manual_seed(1), retain_graph=True)]
+        g = torch.Generator().manual_seed(1)
+        singles = [hutchinson_diag(gs, ps, 1, dist, g, retain_graph=True) for _ in range(4)]
+        four = hutchinson_diag(gs, ps, 4, dist, torch.Generator().manual_seed(1), retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(one[0], singles[0]))
+        assert all(torch.allclose(f, sum(s[i] for s in singles) / 4, atol=1e-15) for i, f in enumerate(four))
+
+
+def test_probe_is_the_same_in_any_memory_format():
+    p = torch.zeros(6, 3, 5, 5).to(memory_format=torch.channels_last)
+    z = probe(p, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(z, probe(p.contiguous(), gen=torch.Generator().manual_seed(0)))
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+
+@pytest.mark.parametrize('dev', ['cpu', pytest.param('cuda', marks=GPU)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_probes_are_the_ones_drawn_before(data, dev, dtype):
+    "The operator's signs (CPU integers, then converted and moved) and the optimizers' probes, to the bit"
+    net = mlp().to(dev, dtype)
+    H = HessianOperator(net, F.cross_entropy, data=(data[0].to(dev, dtype), data[1].to(dev)))
+    old, new = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for k in (7, None, None):
+        z = H._signs(new, k)
+        ref = 2 * torch.randint(0, 2, (H.n,) if k is None else (k, H.n), generator=old).to(H.params[0]) - 1
+        assert z.dtype == ref.dtype and z.device == ref.device and torch.equal(z, ref)
+    p = torch.zeros(6, 3, 5, 5, dtype=dtype, device=dev).to(memory_format=torch.channels_last)
+    old, new = torch.Generator(dev).manual_seed(3), torch.Generator(dev).manual_seed(3)
+    for dist in PROBES * 2:
+        z = probe(p, dist, new)
+        ref = (torch.randn(p.shape, generator=old, dtype=p.dtype, device=p.device) if dist == 'gaussian' else
+               torch.randint(0, 2, p.shape, generator=old, dtype=p.dtype, device=p.device).mul_(2).sub_(1))
+        assert z.dtype == ref.dtype and z.device == ref.device and torch.equal(z, ref)

@@ -7,7 +7,7 @@ from secondorder_cnn.model import LeNet5
 from secondorder_cnn.landscape import landscape_1d, landscape_2d, random_direction, orthogonalize, hessian_directions
 from conftest import snapshot
 
-CMD = [sys.executable, '-c', 'from secondorder_cnn.landscape import main; main()']
+CMD = [sys.executable, '-c', 'from secondorder_cnn.cli import main; main()']
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
