@@ -11,7 +11,7 @@ from .runs import COMMANDS, SHARED
 from . import experiments, landscape  # they declare their subcommands
 
 # %% auto #0
-__all__ = ['parser', 'main']
+__all__ = ['parser', 'os_message', 'main']
 
 # %% ../nbs/10_cli.ipynb #987a106f
 class _Parser(argparse.ArgumentParser):
@@ -38,9 +38,15 @@ def parser() -> _Parser:
             s.add_argument('--' + k.replace('_', '-'), dest=k, **_option(k, doc).kwargs)
     return p
 
+def os_message(e:OSError) -> str:
+    "An `OSError` as one sentence that quotes its path"
+    if e.filename is None or not e.strerror: return str(e)
+    return f"cannot read or write {str(e.filename)!r}: {e.strerror[0].lower() + e.strerror[1:]}"
+
 def main(argv:list[str]|None=None):
     "The `secondorder-cnn` command"
     p = parser()
     args = vars(p.parse_args(argv))
     try: COMMANDS[args.pop('cmd')](**args)
-    except (ValueError, OSError) as e: p.error(str(e))
+    except ValueError as e: p.error(str(e))
+    except OSError as e: p.error(os_message(e))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #bbe81dee
 from __future__ import annotations
-import gzip, os, shutil
+import gzip, math, os, shutil
 from functools import partial
 from pathlib import Path
 import numpy as np, torch
@@ -15,7 +15,8 @@ from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 from torchvision.datasets.utils import extract_archive
 
 # %% auto #0
-__all__ = ['DATASETS', 'DATASET_INFO', 'SYSTEM_DIRS', 'DIGITS_TEST', 'check_dataset', 'check_int', 'check_choice', 'dataset_info',
+__all__ = ['DATASETS', 'DATASET_INFO', 'SYSTEM_DIRS', 'DIGITS_TEST', 'check_dataset', 'describe', 'is_int', 'check_int',
+           'check_seed', 'check_choice', 'check_float', 'check_bool', 'check_callable', 'check_xy', 'dataset_info',
            'data_root', 'search_dirs', 'write_atomic', 'tv_dataset', 'resize32', 'to_gray', 'stratified_subset',
            'load_tensors', 'TensorLoader', 'default_device', 'resolve_device', 'get_dls']
 
@@ -25,21 +26,74 @@ _TV = {'mnist': MNIST, 'fashion_mnist': FashionMNIST, 'cifar10': CIFAR10}
 
 def check_dataset(name:str) -> str:
     "`name` if it is one of `DATASETS`, else a `ValueError` listing them"
-    if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if not isinstance(name, str) or name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     return name
 
 # %% ../nbs/00_data.ipynb #c1a0d7e3
-def check_int(x, name:str, lo:int=1) -> int:
-    "`x` if it is an integer ≥ `lo`, else a `ValueError`"
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < lo:
-        raise ValueError(f"{name} {x!r} must be an integer >= {lo}")
+def describe(x) -> str:
+    "`x` as an error message shows it: a tensor or an array by its dtype and shape, anything else by its short `repr`"
+    if isinstance(x, (Tensor, np.ndarray)):
+        kind = 'tensor' if isinstance(x, Tensor) else 'array'
+        return f"<{str(x.dtype).removeprefix('torch.')} {kind} of shape {tuple(x.shape)}>"
+    r = repr(x)
+    return r if len(r) <= 80 else r[:77] + '...'
+
+def is_int(x) -> bool:
+    "Whether `x` is an integer, Python's or numpy's, and not a `bool`"
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+def check_int(x, name:str, lo:int=1, hi:int|None=None) -> int:
+    "`x` if it is an integer ≥ `lo` (and ≤ `hi`, if given), else a `ValueError`"
+    if not is_int(x) or x < lo or hi is not None and x > hi:
+        raise ValueError(f"{name} {describe(x)} must be an integer " + (f">= {lo}" if hi is None else f"in {lo}..{hi}"))
     return int(x)
+
+def check_seed(seed, name:str='seed') -> int:
+    "`seed` if it is an integer in 0..2³²-1, else a `ValueError`"
+    return check_int(seed, name, 0, 2**32 - 1)
 
 def check_choice(value, allowed:tuple, name:str):
     "`value` if it is one of `allowed`, else a `ValueError` listing them"
     if value not in allowed:
-        raise ValueError(f"{name} {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+        raise ValueError(f"{name} {describe(value)} is not allowed; allowed: {', '.join(map(repr, allowed))}")
     return value
+
+# %% ../nbs/00_data.ipynb #eebf53f5
+def _range(lo:float|None, hi:float|None, lo_open:bool, hi_open:bool) -> str:
+    "What `check_float` allows, in words"
+    if lo is not None and hi is not None: return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None: return f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    if hi is not None: return f"a finite number {'<' if hi_open else '<='} {hi:g}"
+    return 'a finite number'
+
+def check_float(x, name:str, lo:float|None=None, hi:float|None=None, lo_open:bool=False, hi_open:bool=False):
+    "`x` if it is a finite real number from `lo` to `hi` (each excluded if `lo_open`, `hi_open`), else a `ValueError`"
+    real = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    ok = real and (is_int(x) or math.isfinite(x))  # an int is finite, however large
+    ok = ok and (lo is None or (x > lo if lo_open else x >= lo)) and (hi is None or (x < hi if hi_open else x <= hi))
+    if not ok: raise ValueError(f"{name} {describe(x)} must be {_range(lo, hi, lo_open, hi_open)}")
+    return x
+
+def check_bool(x, name:str) -> bool:
+    "`x` if it is `True` or `False`, else a `ValueError`"
+    if not isinstance(x, (bool, np.bool_)): raise ValueError(f"{name} {describe(x)} must be True or False")
+    return bool(x)
+
+def check_callable(f, name:str, of:str):
+    "`f` if it can be called, else a `ValueError` that says what it must be a function of"
+    if not callable(f): raise ValueError(f"{name} {describe(f)} must be a function of {of}")
+    return f
+
+# %% ../nbs/00_data.ipynb #6a6e07e0
+def check_xy(x, y, names:tuple=('x', 'y')) -> tuple[Tensor, Tensor]:
+    "`(x, y)` if both are tensors that hold as many samples (their first dimension), else a `ValueError`"
+    for t, name in zip((x, y), names):
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            raise ValueError(f"{name} {describe(t)} must be a tensor whose first dimension counts the samples")
+    if len(x) != len(y):
+        raise ValueError(f"{names[0]} and {names[1]} must hold as many samples; got {len(x)} and {len(y)}")
+    return x, y
 
 # %% ../nbs/00_data.ipynb #c1a0d7e6
 DATASET_INFO = {'mnist': dict(in_channels=1, n_classes=10),
@@ -54,19 +108,27 @@ def dataset_info(name:str) -> dict:
 # %% ../nbs/00_data.ipynb #9e9f0d90
 SYSTEM_DIRS = {'fashion_mnist': ('/usr/share/datasets/fashion-mnist',)}
 
+def _check_path(p, name:str) -> Path:
+    "`p` as a `Path`, if it is a `str` or a path, else a `ValueError`"
+    if not isinstance(p, (str, os.PathLike)): raise ValueError(f"{name} {describe(p)} must be a path: a str or a Path")
+    return Path(p)
+
 def data_root(root:str|Path|None=None) -> Path:
     "Folder for downloads and cached tensors: `root`, else `$SECONDORDER_DATA`, else `~/.cache/secondorder_cnn`"
+    if root is not None: _check_path(root, 'root')
     return Path(root or os.environ.get('SECONDORDER_DATA') or '~/.cache/secondorder_cnn').expanduser()
 
 def search_dirs(name:str, root:str|Path|None=None) -> list[Path]:
     "Every folder searched for the raw files of dataset `name`, in order"
-    ds = [data_root(root), os.environ.get('SECONDORDER_DATA'), *SYSTEM_DIRS.get(name, ())]
+    ds = [data_root(root), os.environ.get('SECONDORDER_DATA'), *SYSTEM_DIRS.get(check_dataset(name), ())]
     return list(dict.fromkeys(Path(d).expanduser() for d in ds if d))
 
 # %% ../nbs/00_data.ipynb #c1a0d7e9
 def write_atomic(write, # called with the temporary path, writes the file there
                  f:Path): # the file, its folder made if missing
     "Call `write(tmp)`, then rename `tmp` to `f`: a reader never sees half a file"
+    check_callable(write, 'write', 'the temporary path')
+    f = _check_path(f, 'f')
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f'.{f.name}.{os.getpid()}.tmp')
     try:
@@ -111,7 +173,10 @@ _HOW = {'mnist': 'copy the four MNIST IDX files (.gz or not) from a machine with
 
 def tv_dataset(name:str, train:bool=True, root=None, download:bool=True):
     "torchvision's dataset object for `name` from the first folder that has its files, else downloaded"
-    cls, dirs, dest = _TV[check_dataset(name)], search_dirs(name, root), data_root(root)
+    cls = _TV[check_choice(check_dataset(name), tuple(_TV), 'dataset')]
+    check_bool(train, 'train')
+    check_bool(download, 'download')
+    dirs, dest = search_dirs(name, root), data_root(root)
     found = (_stage_cifar if name == 'cifar10' else partial(_stage_idx, cls))(dirs, dest)
     if found is not None: return cls(str(found), train=train, download=False)
     why = 'download=False'
@@ -126,19 +191,29 @@ def tv_dataset(name:str, train:bool=True, root=None, download:bool=True):
 # %% ../nbs/00_data.ipynb #1efeee30
 def resize32(x:Tensor) -> Tensor:
     "`uint8` images `(N, H, W)` resized to `(N, 1, 32, 32)` with PIL's bilinear filter, as `Resize((32, 32))`"
+    if not (isinstance(x, Tensor) and x.dtype == torch.uint8 and x.dim() == 3 and len(x)):
+        raise ValueError(f"x {describe(x)} must be a non-empty uint8 tensor of images (N, H, W)")
     resized = [np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)) for a in x.numpy()]
     return torch.from_numpy(np.stack(resized))[:, None]
 
 # %% ../nbs/00_data.ipynb #0e13185b
 def to_gray(x:np.ndarray|Tensor) -> Tensor:
     "`uint8` RGB images `(N, H, W, 3)` as `(N, 1, H, W)` luma, bit-identical to PIL's `convert('L')`"
+    rgb = isinstance(x, (np.ndarray, Tensor)) and x.ndim == 4 and x.shape[-1] == 3
+    if not (rgb and str(x.dtype).removeprefix('torch.') == 'uint8'):
+        raise ValueError(f"x {describe(x)} must be uint8 RGB images (N, H, W, 3)")
     x = torch.as_tensor(x).to(torch.int32)
     return ((x[..., 0]*19595 + x[..., 1]*38470 + x[..., 2]*7471 + (1 << 15)) >> 16).to(torch.uint8)[:, None]
 
 # %% ../nbs/00_data.ipynb #59ff437a
 def stratified_subset(y:Tensor, n:int, seed:int=0) -> Tensor:
     "Sorted indices of `n` samples drawn with `seed`, the classes of `y` in their proportions"
-    if not 0 < n <= len(y): raise ValueError(f"subset size {n} must be in 1..{len(y)}")
+    integer = isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    if not integer or y.dim() != 1 or len(y) and y.min() < 0:
+        raise ValueError(f"y {describe(y)} must be a 1-D tensor of integer labels >= 0")
+    if is_int(n) and not 0 < n <= len(y): raise ValueError(f"subset size {n} must be in 1..{len(y)}")
+    check_int(n, 'n')
+    check_seed(seed)
     p = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     yp = y[p]
     counts = torch.bincount(yp)
@@ -165,8 +240,11 @@ def _digits(train:bool) -> tuple[Tensor, Tensor]:
 # %% ../nbs/00_data.ipynb #6526c8d9
 def load_tensors(name:str, train:bool=True, root=None, download:bool=True) -> tuple[Tensor, Tensor]:
     "Images `x` (N, 1, 32, 32) float32 in [0, 1] and labels `y` (N,) int64 of a split of dataset `name`"
-    if check_dataset(name) == 'digits': return _digits(train)
-    f = data_root(root)/'tensors'/f"{name}-{'train' if train else 'test'}.pt"
+    check_dataset(name)
+    check_bool(train, 'train')
+    check_bool(download, 'download')
+    f = data_root(root)/'tensors'/f"{name}-{'train' if train else 'test'}.pt"  # checks `root`, even for digits
+    if name == 'digits': return _digits(train)
     if not f.exists():
         ds = tv_dataset(name, train, root, download)
         x = to_gray(ds.data) if name == 'cifar10' else resize32(ds.data)
@@ -178,8 +256,12 @@ def load_tensors(name:str, train:bool=True, root=None, download:bool=True) -> tu
 class TensorLoader:
     "Mini-batches `(xb, yb)` of in-memory tensors `x`, `y`; reshuffled every epoch from `seed` if `shuffle`"
     def __init__(self, x:Tensor, y:Tensor, bs:int=1000, shuffle:bool=False, seed:int=0):
-        if bs < 1: raise ValueError(f"batch size {bs} must be a positive integer")
-        self.x, self.y, self.bs, self.shuffle, self.seed, self.epoch = x, y, bs, shuffle, seed, 0
+        check_xy(x, y)
+        if not len(y): raise ValueError("x and y hold no sample: there is nothing to serve")
+        if x.device != y.device: raise ValueError(f"x and y must be on one device; got {x.device} and {y.device}")
+        if is_int(bs) and bs < 1: raise ValueError(f"batch size {bs} must be a positive integer")
+        self.bs, self.shuffle, self.seed = check_int(bs, 'bs'), check_bool(shuffle, 'shuffle'), check_seed(seed)
+        self.x, self.y, self.epoch = x, y, 0
     def __len__(self): return -(-len(self.y) // self.bs)
     def __iter__(self):
         n = len(self.y)
@@ -203,11 +285,17 @@ def resolve_device(device=None) -> torch.device:
     "`device` (a name such as 'cpu' or 'cuda:1', or a `torch.device`) once checked, else `default_device()`"
     if device is None: return default_device()
     name = str(device) if isinstance(device, torch.device) else device
+    allowed = 'allowed: cpu, cuda, cuda:<index>, mps'
     try: d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {name!r}; allowed: cpu, cuda, cuda:<index>, mps") from None
+    except (RuntimeError, TypeError): raise ValueError(f"unknown device {name!r}; {allowed}") from None
+    if d.type not in ('cpu', 'cuda', 'mps'): raise ValueError(f"device {name!r} cannot train a model here; {allowed}")
     if d.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
+    if d.type == 'cuda' and d.index is not None and d.index >= torch.cuda.device_count():
+        last = torch.cuda.device_count() - 1
+        raise ValueError(f"device {name!r} asked for, but the CUDA GPUs here are numbered 0 to {last}")
+    if d.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available")
     return d
 
 # %% ../nbs/00_data.ipynb #c1a0d7ec
@@ -218,6 +306,11 @@ def get_dls(name:str, # one of `DATASETS`
             n_train:int|None=None, # keep a stratified subset of this many training samples
             seed:int=0) -> tuple[TensorLoader, TensorLoader]: # shuffles the training set and draws the subset
     "Train (shuffled from `seed`) and test loaders of dataset `name` on `device`"
+    # all checked before the data is read, which may mean a download
+    check_dataset(name)
+    check_int(bs, 'bs')
+    if n_train is not None: check_int(n_train, 'n_train')
+    check_seed(seed)
     dev = resolve_device(device)
     x, y = load_tensors(name, True, root)
     if n_train is not None:

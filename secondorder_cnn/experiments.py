@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_experiments.ipynb #fea30895
 from __future__ import annotations
-import csv, math, sys, time, warnings
+import csv, inspect, math, sys, time, warnings
 from pathlib import Path
 import numpy as np, torch.nn.functional as F
 from fastprogress.fastprogress import master_bar
@@ -13,11 +13,12 @@ from .data import check_choice, check_dataset, check_int, resolve_device, write_
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS
 from .runs import (FinishedRun, Run, check_out, command, finished, finished_runs, for_each_run,
-                                  load_json, parse_lr, parse_names, parse_seeds, run_one)
+                                  check_writable, load_json, parse_lr, parse_names, parse_seed, parse_seeds, run_one)
 
 # %% auto #0
-__all__ = ['PRESETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature', 'summarize', 'markdown_table',
-           'paper_rows', 'paper_table', 'plot_curves', 'report', 'run_cmd', 'curvature_cmd', 'report_cmd']
+__all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature_settings', 'curvature',
+           'summarize', 'markdown_table', 'paper_rows', 'paper_table', 'plot_curves', 'report', 'run_cmd',
+           'curvature_cmd', 'report_cmd']
 
 # %% ../nbs/05_experiments.ipynb #4c588007
 PRESETS = {
@@ -100,6 +101,26 @@ def curvature_of(model:nn.Module, x, y,
                          weights=[w.tolist() for w in esd.weights], sigma=esd.sigma),
                 n_hvp=H.n_hvp, seconds=time.perf_counter() - t0, n_params=H.n)
 
+BUDGETS = dict(top_n=(1, 50), max_iter=(1, 1000), max_hvp=(3, 3000), slq_iter=(1, 1000), slq_runs=(1, 100),
+               n_grid=(2, 100_000))
+
+def curvature_settings(prefix:str='', # put before a setting's name in a message: '--' on the command line
+                       **budgets) -> dict:
+    "Every setting of `curvature_of`, its defaults replaced by `budgets`, each checked against its bounds"
+    params = inspect.signature(curvature_of).parameters.items()
+    settings = {k: p.default for k, p in params if p.default is not p.empty}
+    for k in budgets: check_choice(k, tuple(settings), 'curvature setting')
+    settings |= budgets
+    name = lambda k: prefix + (k.replace('_', '-') if prefix else k)
+    for k, (lo, hi) in BUDGETS.items():
+        check_int(settings[k], name(k), lo)
+        if settings[k] > hi: raise ValueError(f"{name(k)} {settings[k]} must be at most {hi}")
+    tol = settings['tol']
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(f"{name('tol')} {tol!r} must be a number between 0 and 1")
+    settings['seed'] = parse_seed(settings['seed'])
+    return settings
+
 def _curvature_line(c:dict) -> str:
     return (f"λ1 {c['top_eigenvalues'][0]:.4g}, λmin {c['smallest_eigenvalue']:.3g}, trace {c['trace']:.4g}, "
             f"{c['n_hvp']} HVPs in {c['seconds']:.0f} s")
@@ -108,9 +129,10 @@ def curvature(out='results', datasets=None, optimizers=None, seeds=None,
               n:int=2000, # training samples the Hessian is taken on
               device=None, force:bool=False, log=print, **budgets) -> list[dict]:
     "Measure and store the curvature of the finished runs in `out` (of `datasets`, `optimizers`, `seeds` if given)"
-    measure = lambda model, x, y: curvature_of(model, x, y, **budgets)
-    done = for_each_run(out, 'curvature', measure, datasets, optimizers, seeds, n, describe=_curvature_line,
-                        device=device, force=force, log=log)
+    settings = curvature_settings(**budgets)
+    measure = lambda model, x, y: curvature_of(model, x, y, **settings)
+    done = for_each_run(out, 'curvature', measure, datasets, optimizers, seeds, n, settings, _curvature_line,
+                        device, force, log)
     return [c for _, c, _ in done]
 
 # %% ../nbs/05_experiments.ipynb #1351a5d8
@@ -134,7 +156,7 @@ def summarize(runs:list[FinishedRun]) -> list[dict]:
     rows = []
     for (dataset, opt), group in groups.items():
         ok = [run.metrics for run in group if run.ok]
-        curv = [run.result('curvature', 'trace') or {} for run in group if run.ok]
+        curv = [run.measurement('curvature', 'trace') or {} for run in group if run.ok]
         values = dict(final_test_acc=[100 * m['epochs'][-1]['test_acc'] for m in ok],
                       best_test_acc=[100 * max(e['test_acc'] for e in m['epochs']) for m in ok],
                       final_train_loss=[m['epochs'][-1]['train_loss'] for m in ok],
@@ -220,11 +242,11 @@ def report(out='results', log=print) -> str:
     runs = finished_runs(out)
     if not runs: raise ValueError(f"no finished run in {str(out)!r}: train some first with `secondorder-cnn run`")
     out, rows = Path(out), summarize(runs)
-    for split, name in (('train', 'TrainLossAcc.png'), ('test', 'TestLossAcc.png')):
-        fig = plot_curves(runs, split)
-        write_atomic(lambda tmp: fig.savefig(tmp, format='png', dpi=90), out/name)
-    _csv(rows, out/'results.csv')
+    figures = {out/'TrainLossAcc.png': plot_curves(runs, 'train'), out/'TestLossAcc.png': plot_curves(runs, 'test')}
     vs_paper = paper_rows(rows)
+    check_writable(*figures, out/'results.csv', out/'paper.csv')
+    for f, fig in figures.items(): write_atomic(lambda tmp: fig.savefig(tmp, format='png', dpi=90), f)
+    _csv(rows, out/'results.csv')
     _csv(vs_paper, out/'paper.csv')
     md = markdown_table(rows)
     if vs_paper: md += '\n\nAgainst the original study (final test accuracy):\n\n' + paper_table(vs_paper)
@@ -253,7 +275,7 @@ def curvature_cmd(out='results', datasets=None, optimizers=None, seeds=None, dev
                   slq_runs:int=3): # density runs
     "Hessian eigenvalues, trace and spectral density of the finished runs"
     budgets = dict(max_iter=max_iter, max_hvp=max_hvp, slq_iter=slq_iter, slq_runs=slq_runs)
-    for k, v in budgets.items(): check_int(v, '--' + k.replace('_', '-'))
+    curvature_settings('--', **budgets)  # the options' own names in a message
     curvature(out, datasets, optimizers, seeds, samples, device, force, **budgets)
 
 @command('report')

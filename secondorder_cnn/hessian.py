@@ -5,11 +5,14 @@
 # %% ../nbs/02_hessian.ipynb #37c0f981
 from __future__ import annotations
 import math, warnings
+from collections.abc import Iterable, Iterator
 import torch
 from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
 from torch import nn, Tensor
-from .data import check_choice
+from .data import (
+    check_bool, check_callable, check_choice, check_float, check_int, check_seed, check_xy, describe, is_int)
+from .model import check_model
 
 # %% auto #0
 __all__ = ['PROBES', 'hvp', 'Result', 'HessianOperator', 'probe', 'hutchinson_diag']
@@ -21,6 +24,19 @@ def hvp(grads:list[Tensor], # gradients of the loss, built with `create_graph=Tr
         retain_graph:bool=False, # keep the graph of `grads` for more products
         batched:bool=False) -> list[Tensor]: # `vs` hold `k` vectors each, multiplied in one call
     "Hessian-vector products $Hv$, one per parameter, from gradients `grads` built with `create_graph=True`"
+    for name, s in (('grads', grads), ('params', params), ('vs', vs)):
+        if not isinstance(s, (list, tuple)): raise ValueError(f"{name} {describe(s)} must be a list of tensors")
+    if not len(grads) == len(params) == len(vs):
+        raise ValueError(f"grads, params and vs must be as many; got {len(grads)}, {len(params)} and {len(vs)}")
+    if not grads: raise ValueError("grads is empty: there is no product to take")
+    check_bool(retain_graph, 'retain_graph')
+    check_bool(batched, 'batched')
+    for i, (g, v) in enumerate(zip(grads, vs)):
+        if g is None: continue
+        if not isinstance(g, Tensor): raise ValueError(f"grads[{i}] {describe(g)} must be a tensor or None")
+        if not (isinstance(v, Tensor) and (v.shape[1:] if batched else v.shape) == g.shape):
+            after = ', after a first dimension that counts the vectors' if batched else ''
+            raise ValueError(f"vs[{i}] {describe(v)} must be a tensor shaped like grads[{i}], {tuple(g.shape)}{after}")
     out = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
     if not out: raise RuntimeError("the gradients carry no graph, so no Hessian-vector product can be taken: "
                                    "build them with loss.backward(create_graph=True) (train_step does so)")
@@ -47,15 +63,26 @@ class HessianOperator:
     "Hessian, in `model`'s trainable parameters, of `criterion`'s mean loss on `data=(x, y)` or over a `dataloader`"
     def __init__(self, model:nn.Module, criterion, data:tuple|None=None, dataloader=None, progress:bool=False):
         if (data is None) == (dataloader is None): raise ValueError("give exactly one of data=(x, y) or dataloader=")
-        self.model, self.criterion, self.progress, self.n_hvp = model, criterion, progress, 0
+        self.model, self.criterion = check_model(model), check_callable(criterion, 'criterion', '(outputs, targets)')
+        self.progress, self.n_hvp = check_bool(progress, 'progress'), 0
+        if dataloader is not None and (not isinstance(dataloader, Iterable) or isinstance(dataloader, Iterator)):
+            raise ValueError(f"dataloader {describe(dataloader)} must be a list of batches or a DataLoader, "
+                             "which every product goes through again")
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad: raise ValueError(f"model holds weights that are not finite (NaN or inf): {', '.join(bad)}")
         self.batches = [data] if data is not None else dataloader
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params: raise ValueError("the model has no parameter that requires grad")
         self.device = self.params[0].device
-        first = next((b for b in self.batches if len(b[1])), None)
+        batch_name = 'data' if dataloader is None else 'a batch of the dataloader'
+        # the batches are checked up to the first that holds samples; the products check the others' values
+        first = next((b for b in self.batches if len(_check_batch(b, batch_name)[1])), None)
         what = 'data is' if dataloader is None else 'the dataloader is'
         if first is None: raise ValueError(f"{what} empty: expected at least one sample")
         g = self._grads(*first, allow_unused=True)
+        if all(gi is None for gi in g):
+            raise ValueError("the loss depends on no trainable parameter of the model "
+                             f"(criterion {describe(criterion)})")
         if dataloader is None: self._g = [gi for gi in g if gi is not None]
         # a parameter the loss never touches has no curvature
         self.params = [p for p, gi in zip(self.params, g) if gi is not None]
@@ -68,20 +95,36 @@ class HessianOperator:
         self.model.eval()
         try:
             loss = self.criterion(self.model(x.to(self.device)), y.to(self.device))
+            if not isinstance(loss, Tensor):
+                raise ValueError(f"criterion must return a scalar loss tensor, got {describe(loss)}")
             if loss.dim() != 0:
                 shape = tuple(loss.shape)
                 raise ValueError(f"criterion must return a scalar loss, got shape {shape}: use reduction='mean'")
+            if not loss.requires_grad: return (None,) * len(self.params)  # no parameter reaches the loss
             return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=allow_unused)
         finally:
             for m, t in modes.items(): m.training = t
+
+def _check_batch(b, name:str) -> tuple[Tensor, Tensor]:
+    "The batch `b` if it is a pair `(x, y)` of tensors with as many samples, finite where they hold floats"
+    if not isinstance(b, (tuple, list)) or len(b) != 2:
+        raise ValueError(f"{name} {describe(b)} must be a pair (x, y) of tensors")
+    x, y = check_xy(*b)
+    for t, n in ((x, 'x'), (y, 'y')):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{name}: {n} {describe(t)} holds NaN or inf")
+    return x, y
 
 # %% ../nbs/02_hessian.ipynb #363eafc5
 @patch
 def _flat(self:HessianOperator, vs:list[Tensor]) -> Tensor:
     "The list of parameter-shaped tensors `vs` as one vector"
-    if len(vs) != len(self.shapes) or any(v.shape != s for v, s in zip(vs, self.shapes)):
-        want, got = [tuple(s) for s in self.shapes], [tuple(v.shape) for v in vs]
-        raise ValueError(f"expected {len(self.shapes)} tensors shaped {want}, got {got}")
+    many = isinstance(vs, (list, tuple))
+    if not many or len(vs) != len(self.shapes) or any(not isinstance(v, Tensor) or v.shape != s
+                                                      for v, s in zip(vs, self.shapes)):
+        want = [tuple(s) for s in self.shapes]
+        got = [tuple(v.shape) if isinstance(v, Tensor) else describe(v) for v in vs] if many else describe(vs)
+        raise ValueError(f"v: expected {len(self.shapes)} tensors shaped {want}, got {got}")
     return torch.cat([v.reshape(-1) for v in vs])
 
 @patch
@@ -103,17 +146,25 @@ def _mv(self:HessianOperator, v:Tensor) -> Tensor:
         if n == 0: raise ValueError("the dataloader is empty: expected at least one sample")
         hv = [h / n for h in hv]
     self.n_hvp += len(v) if batched else 1
-    return torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], -1).detach()
+    hv = torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], -1).detach()
+    if not torch.isfinite(hv).all():
+        raise ValueError("the Hessian-vector products are not finite (NaN or inf): a batch holds NaN or inf, "
+                         "or the loss overflows")
+    return hv
 
 @patch
 def hvp(self:HessianOperator, v:list[Tensor]) -> list[Tensor]:
     "$Hv$ for `v` a list of tensors shaped like the parameters"
-    return self._unflat(self._mv(self._flat(v)))
+    v = self._flat(v)
+    if not torch.isfinite(v).all(): raise ValueError("v holds values that are not finite (NaN or inf)")
+    return self._unflat(self._mv(v))
 
 # %% ../nbs/02_hessian.ipynb #1b30c63b
 @patch
 def dense(self:HessianOperator, max_params:int=10_000, chunk:int=64) -> Tensor:
     "The full $P \\times P$ Hessian, for models with at most `max_params` parameters"
+    check_int(max_params, 'max_params')
+    check_int(chunk, 'chunk')
     if self.n > max_params:
         raise ValueError(f"a dense Hessian of {self.n:,} parameters is too large; "
                          f"allowed up to max_params={max_params:,}")
@@ -189,12 +240,15 @@ def eigenvalues(self:HessianOperator,
                 max_iter:int=100, # Lanczos steps, or power iterations per eigenvalue
                 seed:int=0) -> Result:
     "`(eigenvalues, eigenvectors)`, with `.residuals`, `.n_hvp` and `.converged`"
-    if not 1 <= top_n <= self.n:
+    if is_int(top_n) and not 1 <= top_n <= self.n:
         raise ValueError(f"top_n={top_n} must be between 1 and the number of parameters, {self.n:,}")
+    check_int(top_n, 'top_n')
     if which not in ('largest', 'smallest'): raise ValueError(f"which={which!r}; allowed: 'largest', 'smallest'")
     if method not in ('lanczos', 'power'): raise ValueError(f"method={method!r}; allowed: 'lanczos', 'power'")
     if method == 'power' and which != 'largest': raise ValueError("method='power' finds only which='largest'")
-    g, n0 = torch.Generator().manual_seed(seed), self.n_hvp
+    if tol is not None: check_float(tol, 'tol', 0, lo_open=True)
+    check_int(max_iter, 'max_iter')
+    g, n0 = torch.Generator().manual_seed(check_seed(seed)), self.n_hvp
     if method == 'power':
         eigs, vecs = self._power(top_n, max_iter, 1e-3 if tol is None else tol, g)
         res = [(self._mv(v) - e * v).norm().item() for v, e in zip(vecs, eigs)]
@@ -218,12 +272,21 @@ def eigenvalues(self:HessianOperator,
 # %% ../nbs/02_hessian.ipynb #d9c99bb2
 PROBES = ('rademacher', 'gaussian')
 
+def _check_gen(gen):
+    "A `ValueError` unless `gen` is a `torch.Generator` or None"
+    if gen is not None and not isinstance(gen, torch.Generator):
+        raise ValueError(f"gen {describe(gen)} must be a torch.Generator or None")
+
 def probe(p:Tensor, # the probe takes its dtype and device, and its shape unless `shape` is given
           dist:str='rademacher', # 'rademacher' (entries ±1) or 'gaussian' (standard normal)
           gen:torch.Generator|None=None, # draws the entries, on its own device; default: torch's global generator
           shape:tuple|None=None) -> Tensor: # the probe's shape, if not `p`'s
     "A random vector shaped like `p`, entries ±1 ('rademacher') or standard normal ('gaussian'), drawn from `gen`"
     check_choice(dist, PROBES, 'dist')
+    if not isinstance(p, Tensor): raise ValueError(f"p {describe(p)} must be a tensor")
+    _check_gen(gen)
+    if shape is not None and not (isinstance(shape, (tuple, list)) and all(is_int(s) and s >= 0 for s in shape)):
+        raise ValueError(f"shape {describe(shape)} must be a tuple of integers >= 0")
     shape, dev = p.shape if shape is None else shape, p.device if gen is None else gen.device
     if dist == 'gaussian': z = torch.randn(shape, generator=gen, dtype=p.dtype, device=dev)
     else: z = torch.randint(0, 2, shape, generator=gen, dtype=p.dtype, device=dev).mul_(2).sub_(1)
@@ -244,7 +307,10 @@ def trace(self:HessianOperator,
           seed:int=0) -> Result:
     "`(estimate, stderr)` of $\\mathrm{tr}(H)$, with `.n_hvp` and the Hutchinson `.samples`"
     if method not in ('hutch++', 'hutchinson'): raise ValueError(f"method={method!r}; allowed: 'hutch++', 'hutchinson'")
-    g, n0 = torch.Generator().manual_seed(seed), self.n_hvp
+    check_int(max_hvp, 'max_hvp')
+    if rtol is not None: check_float(rtol, 'rtol', 0, lo_open=True)
+    if n_lowrank is not None: check_int(n_lowrank, 'n_lowrank')
+    g, n0 = torch.Generator().manual_seed(check_seed(seed)), self.n_hvp
     exact, Q = 0., None
     if method == 'hutch++':
         k = min(max_hvp // 3 if n_lowrank is None else n_lowrank, self.n)
@@ -262,7 +328,10 @@ def trace(self:HessianOperator,
         n = len(samples)
         if rtol is not None and n >= 10 and _stderr(samples) <= rtol * abs(exact + sum(samples) / n): break
     if not samples: raise ValueError(f"max_hvp={max_hvp} leaves no product for sampling")
-    return Result(exact + sum(samples) / len(samples), _stderr(samples), n_hvp=self.n_hvp - n0, samples=samples)
+    est = exact + sum(samples) / len(samples)
+    if not math.isfinite(est):
+        raise ValueError(f"the trace estimate {est} is not finite: the Hessian-vector products are too large")
+    return Result(est, _stderr(samples), n_hvp=self.n_hvp - n0, samples=samples)
 
 def _stderr(s:list[float]) -> float:
     "Standard error of the mean of the samples `s`"
@@ -275,6 +344,10 @@ def _stderr(s:list[float]) -> float:
 def hutchinson_diag(grads:list[Tensor], params:list[Tensor], n:int=1, dist:str='rademacher',
                     gen:torch.Generator|None=None, retain_graph:bool=False) -> list[Tensor]:
     "Hutchinson's estimate of the Hessian diagonal, one tensor per parameter: the mean of z ⊙ Hz over `n` probes"
+    check_int(n, 'n')
+    check_bool(retain_graph, 'retain_graph')
+    if not (isinstance(params, (list, tuple)) and params and all(isinstance(p, Tensor) for p in params)):
+        raise ValueError(f"params {describe(params)} must be a list of tensors, one at least")
     est = [torch.zeros_like(p) for p in params]
     for i in range(n):
         zs = [probe(p, dist, gen) for p in params]
@@ -290,8 +363,13 @@ def density(self:HessianOperator,
             n_grid:int=2000, # points of the grid
             seed:int=0) -> Result:
     "`(grid, density)` of the smoothed eigenvalue density, with Ritz `.nodes`, `.weights` (n_runs × n_iter), `.sigma`"
-    if n_iter < 1 or n_runs < 1: raise ValueError(f"n_iter={n_iter} and n_runs={n_runs} must be at least 1")
-    g, n0, nodes, weights = torch.Generator().manual_seed(seed), self.n_hvp, [], []
+    if is_int(n_iter) and is_int(n_runs) and (n_iter < 1 or n_runs < 1):
+        raise ValueError(f"n_iter={n_iter} and n_runs={n_runs} must be at least 1")
+    check_int(n_iter, 'n_iter')
+    check_int(n_runs, 'n_runs')
+    if sigma is not None: check_float(sigma, 'sigma', 0, lo_open=True)
+    check_int(n_grid, 'n_grid', 2)
+    g, n0, nodes, weights = torch.Generator().manual_seed(check_seed(seed)), self.n_hvp, [], []
     for r in range(n_runs):
         a, b, _ = self._lanczos(self._randn(g), n_iter, desc=f'SLQ run {r + 1}/{n_runs}')
         theta, S = _ritz(a, b)

@@ -4,19 +4,19 @@
 
 # %% ../nbs/06_landscape.ipynb #3d8a6a95
 from __future__ import annotations
-import copy, hashlib, html, json, math, time, warnings
+import copy, hashlib, html, inspect, json, math, time, warnings
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn, Tensor
 from .data import check_choice, check_int, write_atomic
 from .hessian import HessianOperator
-from .runs import command, for_each_run, parse_seed
+from .runs import check_writable, command, for_each_run, parse_seed, select_runs
 
 # %% auto #0
-__all__ = ['check_direction', 'random_direction', 'orthogonalize', 'hessian_directions', 'check_range', 'inference_copy',
-           'landscape_1d', 'landscape_2d', 'plotly_html', 'Plot', 'plotlyjs', 'plot_surface', 'plot_surfaces',
-           'plot_contours', 'plot_lines', 'plot_lines_mpl', 'landscape_of', 'run_page', 'index_page', 'landscape',
-           'parse_range', 'landscape_cmd']
+__all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'check_direction', 'random_direction', 'orthogonalize', 'hessian_directions',
+           'check_range', 'inference_copy', 'landscape_1d', 'landscape_2d', 'plotly_html', 'Plot', 'plotlyjs',
+           'plot_surface', 'plot_surfaces', 'plot_contours', 'plot_lines', 'plot_lines_mpl', 'landscape_of', 'run_page',
+           'index_page', 'landscape', 'parse_range', 'landscape_cmd']
 
 # %% ../nbs/06_landscape.ipynb #9f5c2ca6
 def _params(model:nn.Module) -> list[Tensor]: return [p for p in model.parameters() if p.requires_grad]
@@ -30,6 +30,7 @@ def check_direction(model:nn.Module, d, name:str='direction') -> list[Tensor]:
     if got != want:
         raise ValueError(f"{name} has {len(got)} tensors of shapes {_shapes(got)}; "
                          f"the model's {len(want)} trainable parameters have {_shapes(want)}")
+    if not all(bool(torch.isfinite(t).all()) for t in d): raise ValueError(f"{name} has non-finite values")
     return [t.detach().to(p) for t, p in zip(d, ps)]
 
 def random_direction(model:nn.Module,
@@ -37,6 +38,7 @@ def random_direction(model:nn.Module,
                      bias:str='zero', # one-dimensional parameters: 'zero', or 'weights' (the weights themselves)
                      norm:str='filter') -> list[Tensor]: # 'filter' normalisation, or 'none' (the raw Gaussian)
     "A Gaussian direction for `model`, filter-normalised as in Li et al. (2018)"
+    seed = parse_seed(seed)
     check_choice(bias, ('zero', 'weights'), 'bias')
     check_choice(norm, ('filter', 'none'), 'norm')
     g, d = torch.Generator().manual_seed(seed), []
@@ -56,7 +58,12 @@ def _dot(a:list[Tensor], b:list[Tensor]) -> Tensor: return sum((x.double() * y.d
 
 def orthogonalize(d1:list[Tensor], d2:list[Tensor]) -> list[Tensor]:
     "`d2` minus its projection on `d1`, rescaled to the norm of `d2`"
+    d1, d2 = list(d1), list(d2)
+    if [tuple(t.shape) for t in d1] != [tuple(t.shape) for t in d2]:
+        raise ValueError(f"d1 and d2 must have the same shapes; got {_shapes([tuple(t.shape) for t in d1])} "
+                         f"and {_shapes([tuple(t.shape) for t in d2])}")
     n1, n2 = _dot(d1, d1), _dot(d2, d2)
+    if not (math.isfinite(n1) and math.isfinite(n2)): raise ValueError("a direction has non-finite values")
     if n1 == 0 or n2 == 0: raise ValueError("a direction is zero: nothing to orthogonalise")
     c = (_dot(d1, d2) / n1).item()
     e = [y - c * x for x, y in zip(d1, d2)]
@@ -79,13 +86,18 @@ def hessian_directions(model:nn.Module, criterion, data:tuple, k:int=2, seed:int
     return eigs, [sign(v) for v in vecs]
 
 # %% ../nbs/06_landscape.ipynb #6758f04b
+MAX_RESOLUTION, MAX_RANGE = 501, 100.
+
 def check_range(lo, hi, resolution:int, name:str='range') -> Tensor:
-    "`resolution` evenly spaced points from `lo` to `hi` (float64), if `lo < hi` are finite and `resolution` ≥ 2"
+    "`resolution` evenly spaced points from `lo` to `hi` (float64), if `lo < hi` are within ±`MAX_RANGE`"
     check_int(resolution, 'resolution', 2)
+    if resolution > MAX_RESOLUTION: raise ValueError(f"resolution {resolution} must be at most {MAX_RESOLUTION}")
     try: lo, hi = float(lo), float(hi)
     except (TypeError, ValueError): raise ValueError(f"{name} ({lo!r}, {hi!r}) must be two numbers") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"{name} ({lo}, {hi}) must be finite and increasing")
+    if max(abs(lo), abs(hi)) > MAX_RANGE:
+        raise ValueError(f"{name} ({lo}, {hi}) must lie within [-{MAX_RANGE:g}, {MAX_RANGE:g}]")
     return torch.linspace(lo, hi, resolution, dtype=torch.float64)
 
 def _coords(xs, name:str) -> Tensor:
@@ -121,9 +133,12 @@ def inference_copy(model:nn.Module) -> nn.Module:
 def _evaluate(model:nn.Module, criterion, data:tuple, dirs:list[list[Tensor]], coefs:Tensor,
               bs:int=250) -> tuple[np.ndarray, np.ndarray]:
     "Loss and accuracy of `model` at θ* + Σ coefs[i, j]·dirs[j] for every row i of `coefs`, on a copy of the model"
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)):
+        raise ValueError(f"data must be a pair of tensors (x, y); got {type(data).__name__}")
     x, y = data
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"data must be a non-empty (x, y) pair of equal lengths; got {len(x)} and {len(y)}")
+    if not bool(torch.isfinite(x).all()): raise ValueError("data x has non-finite values")
     theta = [p.detach() for p in _params(model)]
     work = inference_copy(model)
     if theta[0].device.type == 'cpu': x = x.contiguous(memory_format=torch.channels_last)
@@ -205,11 +220,11 @@ def plotlyjs(dest) -> Path:
     return f
 
 # %% ../nbs/06_landscape.ipynb #87367b98
-def _f32s(*xs): return [np.asarray(x, np.float32) for x in xs]
+def _f32s(*xs): return [np.asarray(x, np.float64).astype(np.float32) for x in xs]  # None (non-finite) → NaN
 
 def _surface(a, b, z, cmin=None, cmax=None, showscale=True, name=None):
     import plotly.graph_objects as go
-    a, b, z = _f32s(a, b, np.asarray(z).T)  # plotly's z is indexed [y, x]: rows are β
+    a, b, z = _f32s(a, b, np.asarray(z, np.float64).T)  # plotly's z is indexed [y, x]: rows are β
     return go.Surface(x=a, y=b, z=z, cmin=cmin, cmax=cmax, colorscale='Viridis',
                       showscale=showscale, name=name, colorbar=dict(title='loss', len=0.6),
                       contours=dict(z=dict(show=True, usecolormap=True, project_z=True)),
@@ -219,7 +234,7 @@ def _centre(a, b, z):
     "The trained point: the grid point nearest (0, 0), as a 3D marker"
     import plotly.graph_objects as go
     i, j = int(np.abs(np.asarray(a)).argmin()), int(np.abs(np.asarray(b)).argmin())
-    return go.Scatter3d(x=[float(a[i])], y=[float(b[j])], z=[float(np.asarray(z)[i, j])], mode='markers',
+    return go.Scatter3d(x=[float(a[i])], y=[float(b[j])], z=[float(np.asarray(z, np.float64)[i, j])], mode='markers',
                         showlegend=False, marker=dict(size=4, color='red'),
                         hovertemplate='trained weights<br>loss %{z:.4f}<extra></extra>')
 
@@ -228,7 +243,8 @@ def _scene(xlabel, ylabel):
 
 def _z_range(items:dict) -> tuple[float, float]:
     "The lowest and highest loss of the surfaces in `items`"
-    return min(float(np.min(z)) for _, _, z in items.values()), max(float(np.max(z)) for _, _, z in items.values())
+    zs = [np.asarray(z, np.float64) for _, _, z in items.values()]
+    return min(float(np.nanmin(z)) for z in zs), max(float(np.nanmax(z)) for z in zs)
 
 def plot_surface(alphas, betas, loss, # (len(alphas), len(betas)) losses
                  title:str='', xlabel:str='α (along d1)', ylabel:str='β (along d2)', height:int=520):
@@ -267,7 +283,7 @@ def plot_contours(items:dict, cols:int=3, title:str='', xlabel:str='α', ylabel:
     lo, hi = _z_range(items)
     for k, (name, (a, b, z)) in enumerate(items.items()):
         r, c = divmod(k, cols)
-        a, b, z = _f32s(a, b, np.asarray(z).T)
+        a, b, z = _f32s(a, b, np.asarray(z, np.float64).T)
         fig.add_trace(go.Contour(x=a, y=b, z=z, zmin=lo, zmax=hi, colorscale='Viridis', showscale=k == 0, ncontours=25,
                                  name=name, contours=dict(showlabels=False), colorbar=dict(title='loss')), r + 1, c + 1)
         centre = go.Scatter(x=[0], y=[0], mode='markers', marker=dict(color='red', size=7), showlegend=False,
@@ -308,9 +324,17 @@ def landscape_of(model:nn.Module, x, y, resolution:int=25, lo:float=-0.5, hi:flo
     loss, acc = landscape_2d(model, F.cross_entropy, (x, y), v1, v2, al, al, bs)
     rand_loss, rand_acc = landscape_1d(model, F.cross_entropy, (x, y), random_direction(model, seed), al, bs)
     v1_loss, v1_acc = landscape_1d(model, F.cross_entropy, (x, y), v1, al, bs)
-    return dict(alphas=al.tolist(), eigenvalues=eigs, loss=loss.tolist(), acc=acc.tolist(),
-                v1_loss=v1_loss.tolist(), v1_acc=v1_acc.tolist(), random_loss=rand_loss.tolist(),
-                random_acc=rand_acc.tolist(), seed=seed, seconds=time.perf_counter() - t0)
+    at_weights = _evaluate(model, F.cross_entropy, (x, y), [v1], torch.zeros(1, 1, dtype=torch.float64), bs)
+    losses = (loss, v1_loss, rand_loss)
+    return dict(alphas=al.tolist(), eigenvalues=eigs, loss=_finite(loss), acc=acc.tolist(),
+                v1_loss=_finite(v1_loss), v1_acc=v1_acc.tolist(), random_loss=_finite(rand_loss),
+                random_acc=rand_acc.tolist(), loss_at_weights=_finite(at_weights[0][:1])[0],
+                n_nonfinite=int(sum((~np.isfinite(l)).sum() for l in losses)), seed=seed,
+                seconds=time.perf_counter() - t0)
+
+def _finite(a:np.ndarray) -> list:
+    "`a` as (nested) lists, its non-finite values as None: JSON's null, and a gap in a plot"
+    return [_finite(r) for r in a] if a.ndim > 1 else [float(v) if math.isfinite(v) else None for v in a]
 
 def _page(title:str, body:list[str], js:str) -> str:
     head = f'<meta charset="utf-8"><title>{html.escape(title)}</title>\n<script src="{js}"></script>'
@@ -347,9 +371,11 @@ def index_page(items:list[tuple[str, dict, dict]], js:str='plotly.min.js') -> st
     return _page('Loss landscapes', body, js)
 
 def _landscape_line(ls:dict) -> str:
-    mid = len(ls['alphas']) // 2
-    top = max(map(max, ls['loss']))
-    return f"loss {ls['loss'][mid][mid]:.4f} at the centre, {top:.4g} at most, {ls['seconds']:.0f} s"
+    top = max((v for row in ls['loss'] for v in row if v is not None), default=math.nan)
+    at = ls['loss_at_weights']
+    line = f"loss {math.nan if at is None else at:.4f} at the trained weights, {top:.4g} at most, {ls['seconds']:.0f} s"
+    if ls['n_nonfinite']: line += f"; {ls['n_nonfinite']} grid points with a non-finite loss, stored as null"
+    return line
 
 def landscape(out='results', datasets=None, optimizers=None, seeds=None,
               n:int=2000, # training samples, the same stratified subset as `curvature`
@@ -357,8 +383,13 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
               device=None, force:bool=False, log=print) -> list[dict]:
     "Compute and store the landscapes of the finished runs in `out`, their pages and the index page; the landscapes"
     check_range(lo, hi, resolution)
-    settings = dict(resolution=resolution, range=[float(lo), float(hi)], seed=seed)
-    measure = lambda model, x, y: landscape_of(model, x, y, resolution, lo, hi, seed)
+    settings = dict(resolution=resolution, lo=float(lo), hi=float(hi), seed=parse_seed(seed))
+    settings |= {k: p.default for k, p in inspect.signature(landscape_of).parameters.items()
+                 if p.default is not p.empty and k not in settings}
+    measure = lambda model, x, y: dict(landscape_of(model, x, y, **settings), resolution=resolution,
+                                       range=[float(lo), float(hi)])
+    pages = [run.folder/'landscape.html' for run in select_runs(out, datasets, optimizers, seeds) if run.ok]
+    check_writable(*pages, Path(out)/'landscape.html', Path(out)/'plotly.min.js')
     done = for_each_run(out, 'landscape', measure, datasets, optimizers, seeds, n, settings, _landscape_line,
                         device, force, log)
     js, items = plotlyjs(out), []

@@ -5,17 +5,26 @@
 # %% ../nbs/01_model.ipynb #24c582e9
 from __future__ import annotations
 import time
+from collections.abc import Iterable
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
-from .data import dataset_info
+from .data import check_callable, check_int, dataset_info, describe, resolve_device
 
 # %% auto #0
-__all__ = ['LeNet5', 'n_params', 'evaluate', 'fit', 'to_device']
+__all__ = ['check_model', 'LeNet5', 'n_params', 'evaluate', 'fit', 'to_device']
+
+# %% ../nbs/01_model.ipynb #7dd8901a
+def check_model(model, name:str='model') -> nn.Module:
+    "`model` if it is a `torch.nn.Module`, else a `ValueError`"
+    if not isinstance(model, nn.Module): raise ValueError(f"{name} {describe(model)} must be a torch.nn.Module")
+    return model
 
 # %% ../nbs/01_model.ipynb #fe475edf
 class LeNet5(nn.Module):
     "LeNet5 for (N, `in_channels`, 32, 32) images and `n_classes` classes, as in the original study"
     def __init__(self, in_channels:int=1, n_classes:int=10):
+        check_int(in_channels, 'in_channels')
+        check_int(n_classes, 'n_classes')
         super().__init__()
         self.feature_extractor = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -31,12 +40,21 @@ class LeNet5(nn.Module):
 
 def n_params(model:nn.Module) -> int:
     "Number of trainable parameters of `model`"
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in check_model(model).parameters() if p.requires_grad)
 
 # %% ../nbs/01_model.ipynb #2adda431
+def _check_loader(dl, name:str):
+    "A `ValueError` unless `dl` is an iterable of batches, and one that holds some when it knows its length"
+    if not isinstance(dl, Iterable) or isinstance(dl, (str, Tensor)):
+        raise ValueError(f"{name} {describe(dl)} must be an iterable of batches (xb, yb)")
+    if hasattr(dl, '__len__') and not len(dl): raise ValueError(f"{name} {describe(dl)} holds no sample")
+
 @torch.no_grad()
 def evaluate(model:nn.Module, dl, criterion=F.cross_entropy) -> tuple[float, float]:
     "Mean loss and accuracy of `model` over all samples of `dl`"
+    check_model(model)
+    _check_loader(dl, 'dl')
+    check_callable(criterion, 'criterion', '(outputs, targets)')
     training = model.training
     model.eval()
     loss, correct, n = 0., 0, 0
@@ -46,6 +64,7 @@ def evaluate(model:nn.Module, dl, criterion=F.cross_entropy) -> tuple[float, flo
         correct += (out.argmax(1) == yb).sum().item()
         n += len(yb)
     model.train(training)
+    if not n: raise ValueError(f"dl {describe(dl)} holds no sample")
     return loss / n, correct / n
 
 # %% ../nbs/01_model.ipynb #a4662db0
@@ -53,6 +72,14 @@ def fit(model:nn.Module, opt:torch.optim.Optimizer, trn, tst, epochs:int,
         criterion=F.cross_entropy, # loss of `model(xb)` against `yb`
         log=None) -> list[dict]: # called with each epoch's record as it ends
     "Train `model` with `opt` for `epochs` over `trn`; per epoch, train loss, test loss and accuracy, seconds"
+    check_model(model)
+    if not (hasattr(opt, 'zero_grad') and hasattr(opt, 'step')):
+        raise ValueError(f"opt {describe(opt)} must be a torch.optim.Optimizer")
+    _check_loader(trn, 'trn')
+    _check_loader(tst, 'tst')
+    check_int(epochs, 'epochs')
+    check_callable(criterion, 'criterion', '(outputs, targets)')
+    if log is not None: check_callable(log, 'log', "each epoch's record")
     hist = []
     for epoch in range(epochs):
         model.train()
@@ -64,6 +91,7 @@ def fit(model:nn.Module, opt:torch.optim.Optimizer, trn, tst, epochs:int,
             opt.step()
             tot += loss.item() * len(yb)
             n += len(yb)
+        if not n: raise ValueError(f"trn {describe(trn)} holds no sample")
         secs = time.perf_counter() - t0
         test_loss, test_acc = evaluate(model, tst, criterion)
         hist.append(dict(epoch=epoch + 1, train_loss=tot / n, test_loss=test_loss, test_acc=test_acc, seconds=secs))
@@ -72,6 +100,7 @@ def fit(model:nn.Module, opt:torch.optim.Optimizer, trn, tst, epochs:int,
 
 # %% ../nbs/01_model.ipynb #994ab579
 def to_device(model:nn.Module, device) -> nn.Module:
-    "`model` on `device`, its weights in `channels_last` format on the CPU"
-    device = torch.device(device)
-    return model.to(device, memory_format=torch.channels_last if device.type == 'cpu' else torch.preserve_format)
+    "`model` on `device` (as for `resolve_device`), its weights in `channels_last` format on the CPU"
+    device = resolve_device(device)
+    layout = torch.channels_last if device.type == 'cpu' else torch.preserve_format
+    return check_model(model).to(device, memory_format=layout)

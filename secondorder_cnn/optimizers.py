@@ -5,11 +5,15 @@
 # %% ../nbs/03_optimizers.ipynb #e9501f39
 from __future__ import annotations
 import inspect, math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from torch.optim import Optimizer
-from .data import check_choice, check_int
+from .data import (
+    check_bool, check_callable, check_choice, check_float, check_int, check_seed, check_xy, describe)
+from .model import check_model
 from .hessian import PROBES, hutchinson_diag, hvp, probe
 
 # %% auto #0
@@ -20,19 +24,26 @@ __all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'OPTIMIZERS', 'check_lr', 'check_betas',
 def _check(ok:bool, msg:str):
     if not ok: raise ValueError(msg)
 
-def _number(x) -> bool: return isinstance(x, (int, float)) and not isinstance(x, bool)
-
 def check_lr(lr:float, name:str='lr') -> float:
     "`lr` if it is a finite number ≥ 0, else a `ValueError`"
-    _check(_number(lr) and math.isfinite(lr) and lr >= 0, f"{name} {lr!r} must be a finite number >= 0")
-    return lr
+    return check_float(lr, name, 0)
 
-def check_betas(betas, name:str='betas') -> tuple:
-    "`betas` (one number or a tuple of them) if each lies in [0, 1), else a `ValueError`"
-    for i, b in enumerate(betas if isinstance(betas, (tuple, list)) else [betas]):
-        n = f'{name}[{i}]' if isinstance(betas, (tuple, list)) else name
-        _check(_number(b) and 0 <= b < 1, f"{n} {b!r} must be in [0, 1)")
+def check_betas(betas, name:str='betas', pair:bool=True):
+    "`betas` if it is a pair of numbers in [0, 1) (one such number, if not `pair`), else a `ValueError`"
+    many = isinstance(betas, (tuple, list))
+    for i, b in enumerate(betas if many else [betas]):
+        check_float(b, f'{name}[{i}]' if many else name, 0, 1, hi_open=True)
+    if pair: _check(many and len(betas) == 2, f"{name} {describe(betas)} must be a pair of numbers in [0, 1)")
+    else: _check(not many, f"{name} {describe(betas)} must be one number in [0, 1)")
     return betas
+
+def _check_params(params) -> list:
+    "`params` as a list of tensors, (name, tensor) pairs or parameter groups (dicts), if it holds one at least"
+    ok = isinstance(params, Iterable) and not isinstance(params, (Tensor, str, dict))
+    params = list(params) if ok else params
+    if not (ok and params and all(isinstance(p, (Tensor, tuple, dict)) for p in params)):
+        raise ValueError(f"params {describe(params)} must be tensors or parameter groups, one at least")
+    return params
 
 # %% ../nbs/03_optimizers.ipynb #29f903be
 class HessianOptimizer(Optimizer):
@@ -40,12 +51,15 @@ class HessianOptimizer(Optimizer):
     def __init__(self, params, defaults:dict,
                  generator:torch.Generator|None=None, # draws the probes; default: a new one, seeded from `seed`
                  seed:int|None=None): # seed of that new generator; default: drawn from torch's global generator
-        update_each = defaults['update_each']
-        _check(_number(update_each) and update_each >= 1 and int(update_each) == update_each,
-               f"update_each {update_each!r} must be an integer >= 1")
-        super().__init__(params, defaults)
+        check_int(defaults['update_each'], 'update_each')
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator {describe(generator)} must be a torch.Generator or None")
+        if seed is not None: check_seed(seed)
+        super().__init__(_check_params(params), defaults)
+        ps = [p for g in self.param_groups for p in g['params']]
+        _check(bool(ps), 'params holds no tensor: there is nothing to optimize')
         if generator is None:
-            generator = torch.Generator(self.param_groups[0]['params'][0].device)
+            generator = torch.Generator(ps[0].device)
             generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
         self.gen, self.n_hvp = generator, 0
 
@@ -83,7 +97,7 @@ class AdaHessian(HessianOptimizer):
         check_lr(lr)
         check_betas(betas)
         for value, name in ((eps, 'eps'), (weight_decay, 'weight_decay')): check_lr(value, name)
-        _check(_number(hessian_power) and 0 <= hessian_power <= 1, f"hessian_power {hessian_power!r} must be in [0, 1]")
+        check_float(hessian_power, 'hessian_power', 0, 1)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       hessian_power=hessian_power, update_each=update_each), generator, seed)
 
@@ -136,16 +150,16 @@ class Apollo(Optimizer):
                  weight_decay:float=0., # weight decay $\lambda$
                  weight_decay_type:str|None=None): # 'L2', 'decoupled' or 'stable'; default: as the reference
         check_lr(lr)
-        check_betas(beta, 'beta')
+        check_betas(beta, 'beta', pair=False)
         for value, name in ((eps, 'eps'), (init_lr, 'init_lr'), (weight_decay, 'weight_decay')): check_lr(value, name)
         check_choice(rebound, REBOUNDS, 'rebound')
-        _check(_number(sigma) and math.isfinite(sigma) and sigma > 0, f"sigma {sigma!r} must be a finite number > 0")
-        _check(_number(warmup) and warmup >= 0, f"warmup {warmup!r} must be a number of steps >= 0")
+        check_float(sigma, 'sigma', 0, lo_open=True)
+        check_float(warmup, 'warmup', 0)
         if weight_decay_type is None: weight_decay_type = 'L2' if rebound == 'constant' else 'decoupled'
         check_choice(weight_decay_type, WEIGHT_DECAYS, 'weight_decay_type')
         defaults = dict(lr=lr, beta=beta, eps=eps, rebound=rebound, sigma=sigma, warmup=warmup, init_lr=init_lr,
                         weight_decay=weight_decay, weight_decay_type=weight_decay_type)
-        super().__init__(params, defaults)
+        super().__init__(_check_params(params), defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -276,19 +290,29 @@ OPTIMIZERS = {
         "pytorch_optimizer's lr 0.06 and gamma 0.01", seeded=True),
 }
 
+_SETTINGS = {  # how `make_optimizer` checks a setting, whichever optimizer takes it
+    'lr': check_lr, 'betas': check_betas, 'momentum': partial(check_float, lo=0, hi=1, hi_open=True),
+    'dampening': partial(check_float, lo=0, hi=1), 'max_iter': check_int, 'history_size': check_int,
+    'max_eval': lambda v, name: None if v is None else check_int(v, name),
+    'line_search_fn': lambda v, name: check_choice(v, (None, 'strong_wolfe'), name),
+    **{k: partial(check_float, lo=0) for k in ('eps', 'weight_decay', 'tolerance_grad', 'tolerance_change')}}
+
 def make_optimizer(name:str, # a key of `OPTIMIZERS`
                    params, # parameters or parameter groups, as for any `torch.optim.Optimizer`
                    seed:int|None=None, # seeds the probes of the optimizers that draw them; others ignore it
                    **overrides) -> Optimizer: # settings that replace the registry's
     "The optimizer `name` of `OPTIMIZERS` on `params`, its registry settings updated by `overrides`"
     spec = OPTIMIZERS[check_choice(name, tuple(OPTIMIZERS), 'optimizer')]
-    allowed = [k for k in inspect.signature(spec.cls).parameters if k != 'params']
+    sig = inspect.signature(spec.cls).parameters
+    allowed = [k for k in sig if k != 'params']
     for k in overrides: _check(k in allowed, f"{name} has no setting {k!r}; allowed: {', '.join(allowed)}")
+    if seed is not None: check_seed(seed)
     kw = {**spec.kwargs, **overrides}
-    if 'lr' in kw: check_lr(kw['lr'])
-    if 'betas' in kw: check_betas(kw['betas'])
+    for k, v in kw.items():
+        if k in _SETTINGS: _SETTINGS[k](v, k)
+        elif isinstance(sig[k].default, bool): check_bool(v, k)
     if spec.seeded: kw['seed'] = seed
-    return spec.cls(params, **kw)
+    return spec.cls(_check_params(params), **kw)
 
 # %% ../nbs/03_optimizers.ipynb #a64118b8
 class _NonFinite(Exception): pass
@@ -297,6 +321,13 @@ def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
                criterion=F.cross_entropy, # loss of `model(xb)` against `yb`
                create_graph:bool|None=None) -> dict: # build gradients with `create_graph`; default: `opt.create_graph`
     "One step of `opt` on (`xb`, `yb`): loss and accuracy before it, loss evaluations, HVPs, whether it diverged"
+    check_model(model)
+    if not all(hasattr(opt, a) for a in ('param_groups', 'state', 'step')):
+        raise ValueError(f"opt {describe(opt)} must be an optimizer, with param_groups, state and step()")
+    check_xy(xb, yb, ('xb', 'yb'))
+    if not len(yb): raise ValueError("xb and yb hold no sample: there is no step to take")
+    check_callable(criterion, 'criterion', '(outputs, targets)')
+    if create_graph is not None: check_bool(create_graph, 'create_graph')
     ps = [p for g in opt.param_groups for p in g['params'] if p.requires_grad]
     if create_graph is None: create_graph = getattr(opt, 'create_graph', False)
     losses, first_acc, n_hvp = [], [], getattr(opt, 'n_hvp', 0)
@@ -304,6 +335,8 @@ def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
     def closure():
         out = model(xb)
         loss = criterion(out, yb)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError(f"criterion must return a scalar loss, got {describe(loss)}: use reduction='mean'")
         losses.append(loss.item())
         if len(losses) == 1 and out.dim() == 2 and not yb.is_floating_point():
             first_acc.append((out.argmax(1) == yb).float().mean())
@@ -320,7 +353,8 @@ def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
         opt.step(closure)
         if not all(torch.isfinite(p).all() for p in ps): raise _NonFinite
         diverged = False
-    except _NonFinite:
+    except (_NonFinite, OverflowError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and 'overflow' not in str(e): raise
         if 'last_finite' in saved:
             with torch.no_grad(): torch._foreach_copy_(ps, saved['last_finite'])
         if isinstance(opt, torch.optim.LBFGS): opt.state.clear()

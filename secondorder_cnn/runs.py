@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_runs.ipynb #07e1ae97
 from __future__ import annotations
-import inspect, json, math, os, time
+import hashlib, inspect, json, math, os, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,9 +19,9 @@ from .model import LeNet5, evaluate, n_params, to_device
 from .optimizers import OPTIMIZERS, make_optimizer, train_step
 
 # %% auto #0
-__all__ = ['SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run', 'write_json',
-           'save_model', 'load_json', 'check_out', 'run_one', 'finished', 'FinishedRun', 'finished_runs', 'select_runs',
-           'hessian_subset', 'for_each_run', 'command']
+__all__ = ['MAX_SEED', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run', 'write_json',
+           'save_model', 'load_json', 'check_out', 'check_writable', 'run_one', 'finished', 'FinishedRun',
+           'finished_runs', 'select_runs', 'hessian_subset', 'for_each_run', 'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -52,6 +52,7 @@ def train(model:nn.Module, # on the device of the loaders
             if steps[-1]['diverged']: return dict(status='diverged', diverged_epoch=epoch, epochs=history)
         seconds = time.perf_counter() - t0
         test_loss, test_acc = evaluate(model, test_dl, criterion)
+        if not math.isfinite(test_loss): return dict(status='diverged', diverged_epoch=epoch, epochs=history)
         total = lambda k: sum(s[k] for s in steps)
         history.append(dict(epoch=epoch, train_loss=total('loss') / len(steps), train_acc=total('acc') / len(steps),
                             test_loss=test_loss, test_acc=test_acc, seconds=seconds,
@@ -64,10 +65,14 @@ def parse_names(x) -> list:
     xs = [s.strip() for s in x.split(',')] if isinstance(x, str) else list(x)
     return list(dict.fromkeys(s for s in xs if s != ''))
 
+MAX_SEED = 2**32 - 1
+
 def parse_seed(s) -> int:
-    "`s` (an integer or its text) as a seed ≥ 0, else a `ValueError`"
-    try: return check_int(int(s) if isinstance(s, str) else s, 'seed', 0)
+    "`s` (an integer or its text) as a seed in 0..`MAX_SEED`, else a `ValueError`"
+    try: seed = check_int(int(s) if isinstance(s, str) else s, 'seed', 0)
     except ValueError: raise ValueError(f"seed {s!r} must be an integer >= 0") from None
+    if seed > MAX_SEED: raise ValueError(f"seed {s!r} must be at most {MAX_SEED}")
+    return seed
 
 def parse_seeds(x) -> list[int]:
     "Seeds, comma-separated or a sequence, as distinct integers ≥ 0 in the order given"
@@ -79,6 +84,7 @@ def parse_lr(lr) -> float:
     except (TypeError, ValueError): v = math.nan
     if isinstance(lr, bool) or not (math.isfinite(v) and v > 0):
         raise ValueError(f"lr {lr!r} must be a finite number > 0")
+    if v > torch.finfo(torch.float32).max: raise ValueError(f"lr {lr!r} must be at most 3.4e38, the largest float32")
     return v
 
 # %% ../nbs/04_runs.ipynb #4906aff3
@@ -111,8 +117,10 @@ class Run:
 
 # %% ../nbs/04_runs.ipynb #eb418247
 def write_json(obj, f:Path):
-    "Write `obj` to `f` as JSON, atomically"
-    write_atomic(lambda tmp: tmp.write_text(json.dumps(obj, indent=1)), Path(f))
+    "Write `obj` to `f` as strict JSON (no NaN or infinity), atomically"
+    try: text = json.dumps(obj, indent=1, allow_nan=False)
+    except ValueError: raise ValueError(f"{f}: a non-finite number cannot be stored as JSON") from None
+    write_atomic(lambda tmp: tmp.write_text(text), Path(f))
 
 def save_model(model:nn.Module, f:Path):
     "Write the weights of `model` to `f` as a `state_dict`, atomically"
@@ -135,6 +143,22 @@ def check_out(out) -> Path:
         raise ValueError(f"output folder {str(out)!r} is not writable")
     return out
 
+def check_writable(*files:Path) -> list[Path]:
+    "`files`, if each can be written (its folder writable, itself not a folder), else a `ValueError` naming it"
+    for f in map(Path, files):
+        if f.is_dir(): raise ValueError(f"cannot write {str(f)!r}: it is a folder")
+        check_out(f.parent)
+    return [Path(f) for f in files]
+
+def _stale_tmp(f:Path) -> bool:
+    "Whether the temporary file `f` (`.<name>.<pid>.tmp`) is not being written by a running process"
+    pid = f.name.split('.')[-2]
+    if not pid.isdigit() or int(pid) == os.getpid(): return True
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return True
+    except PermissionError: return False
+    return False
+
 # %% ../nbs/04_runs.ipynb #f0df3603
 def run_one(r:Run, out, device=None, bar=None) -> dict:
     "Train run `r` from scratch and write its files in `r.folder(out)`; the metrics"
@@ -142,8 +166,9 @@ def run_one(r:Run, out, device=None, bar=None) -> dict:
     dls = get_dls(r.dataset, r.bs, device=dev, seed=r.seed)  # before writing anything: missing data fails cleanly
     folder = r.folder(out)
     for f in folder.glob('*'):
-        if f.is_file(): f.unlink()  # a redone run keeps no result of the old one
-    for f in folder.glob('.*.tmp'): f.unlink()  # what a killed process was writing
+        if f.is_file() and not f.name.startswith('.'): f.unlink()  # a redone run keeps no result of the old one
+    for f in folder.glob('.*.tmp'):
+        if _stale_tmp(f): f.unlink()  # what a killed process was writing
     config = r.config()
     versions = dict(device=str(dev), torch=torch.__version__, secondorder_cnn=__version__)
     write_json(config | versions | dict(doc=OPTIMIZERS[r.optimizer].doc), folder/'config.json')
@@ -191,10 +216,35 @@ class FinishedRun:
         f = self.result_file(what)
         return load_json(f, key) if f.exists() else None
 
+    def measurement(self, what:str, key:str) -> dict|None:
+        "The stored `<what>.json` if it was computed from the weights the run has now, else None"
+        result = self.result(what, key)
+        if result is None or result.get('computed_from', {}).get('model_sha256') != self.model_sha256(): return None
+        return result
+
+    def model_sha256(self) -> str:
+        "The SHA-256 of the weights' file"
+        return hashlib.sha256((self.folder/'model.pt').read_bytes()).hexdigest()
+
     def load_model(self, device=None) -> nn.Module:
-        "The trained LeNet5, its weights loaded as plain tensors (`weights_only`), on `device`"
+        "The trained LeNet5, its weights loaded as plain tensors (`weights_only`) and checked, on `device`"
+        f = self.folder/'model.pt'
+        bad = lambda why: ValueError(f"{f} {why}: retrain the run with `secondorder-cnn run --force`")
+        if not f.is_file(): raise bad('is missing')
+        try: state = torch.load(f, weights_only=True, map_location='cpu')
+        except Exception: raise bad('is not a file of weights that torch reads without running code') from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise bad('holds no state_dict of tensors')
         model = LeNet5.for_dataset(self.config['dataset'])
-        model.load_state_dict(torch.load(self.folder/'model.pt', weights_only=True, map_location='cpu'))
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != want:
+            first = next(k for k in dict.fromkeys([*got, *want]) if got.get(k) != want.get(k))
+            raise bad(f"does not hold the weights of this LeNet5 ({first}: {got.get(first)} there, {want.get(first)} "
+                      "expected)")
+        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+            raise bad('holds non-finite weights')
+        model.load_state_dict(state)
         return to_device(model, resolve_device(device))
 
 # %% ../nbs/04_runs.ipynb #eee01035
@@ -228,12 +278,22 @@ def hessian_subset(dataset:str, n:int=2000, device=None) -> tuple[Tensor, Tensor
     return x[i].to(dev), y[i].to(dev)
 
 # %% ../nbs/04_runs.ipynb #d3564519
+def _why_stale(stored:dict|None, wanted:dict) -> str|None:
+    "Why a stored measurement is not the one `wanted` (its `computed_from`), or None if it is"
+    if stored is None: return None
+    old = stored.get('computed_from')
+    if old is None: return 'no record of what it was computed from'
+    if old.get('model_sha256') != wanted['model_sha256']: return 'the weights changed'
+    diff = _differences({k: v for k, v in old.items() if k != 'model_sha256'},
+                        {k: v for k, v in wanted.items() if k != 'model_sha256'})
+    return f"computed with other settings: {'; '.join(d.replace(' asked', ' now') for d in diff)}" if diff else None
+
 def for_each_run(out, # the results folder
                  what:str, # the measurement's name: stored in `<run folder>/<what>.json`
                  measure, # `measure(model, x, y)` → the measurement (a dict) of one trained model
                  datasets=None, optimizers=None, seeds=None, # which runs, as `select_runs` takes them
                  n:int=2000, # training samples it is made on: `hessian_subset`
-                 settings:dict|None=None, # stored with it; a stored measurement with other settings is redone
+                 settings:dict|None=None, # every setting of `measure`: a stored result with others is redone
                  describe=None, # `describe(result)` → what to log after measuring a run
                  device=None, force:bool=False, log=print) -> list[tuple[FinishedRun, dict, bool]]:
     "`(run, result, fresh)` for each selected run that trained to the end: its stored `what`, else measured and stored"
@@ -245,20 +305,26 @@ def for_each_run(out, # the results folder
     for run in runs:
         if run.ok and not (run.folder/'model.pt').exists():
             raise ValueError(f"{run.folder} has no model.pt: retrain it with `secondorder-cnn run --force`")
-    stored = {run.folder: None if force or not run.ok else run.result(what, 'n_samples') for run in runs}
+    models = {run.folder: run.load_model('cpu') for run in runs if run.ok}  # every model checked before any work
+    wanted = {run.folder: dict(model_sha256=run.model_sha256(), samples=n, subset_seed=0, **settings)
+              for run in runs if run.ok}
+    stored = {run.folder: None if force else run.result(what, 'n_samples') for run in runs if run.ok}
+    check_writable(*[run.result_file(what) for run in runs if run.ok])
     subsets, done = {}, []
     for run in runs:
         if not run.ok:
             log(f"{run.name}: {run.metrics['status']}, no {what}")
             continue
-        result = stored[run.folder]
-        fresh = result is None or any(result.get(k) != v for k, v in settings.items())
+        result, why = stored[run.folder], _why_stale(stored[run.folder], wanted[run.folder])
+        fresh = result is None or why is not None
         if not fresh: log(f"{run.name}: {what} present, skipped")
         else:
+            if why: log(f"{run.name}: the stored {what} is stale ({why}): measuring it again")
             dataset = run.config['dataset']
             if dataset not in subsets: subsets[dataset] = hessian_subset(dataset, n, dev)
             x, y = subsets[dataset]
-            result = dict(measure(run.load_model(dev), x, y), n_samples=len(y), subset_seed=0, **settings)
+            result = dict(measure(to_device(models[run.folder], dev), x, y), n_samples=len(y), subset_seed=0,
+                          computed_from=wanted[run.folder])
             write_json(result, run.result_file(what))
             if describe: log(f"{run.name}: {describe(result)}")
         done.append((run, result, fresh))

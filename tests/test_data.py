@@ -149,6 +149,9 @@ def test_n_train_subset_is_stratified_and_seeded():
     ('gpu0', "unknown device 'gpu0'; allowed: cpu, cuda, cuda:<index>, mps"),
     pytest.param('cuda:0', "device 'cuda:0' asked for, but no CUDA GPU is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is here')),
+    pytest.param('cuda:99', f"device 'cuda:99' asked for, but the CUDA GPUs here are numbered 0 to {torch.cuda.device_count() - 1}",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')),
+    ('meta', "device 'meta' cannot train a model here; allowed: cpu, cuda, cuda:<index>, mps"),
 ])
 def test_bad_device_is_one_clear_error(device, msg):
     with pytest.raises(ValueError) as e: get_dls('digits', device=device)
