@@ -13,7 +13,7 @@ from .data import check_choice, check_dataset, check_int, resolve_device, write_
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS
 from .runs import (FinishedRun, Run, check_out, command, finished, finished_runs, for_each_run,
-                                  check_writable, load_json, parse_lr, parse_names, parse_seed, parse_seeds, run_one)
+                                  check_writable, load_metrics, parse_lr, parse_names, parse_seed, parse_seeds, run_one)
 
 # %% auto #0
 __all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature_settings', 'curvature',
@@ -68,7 +68,7 @@ def run_grid(runs:list[Run], out='results', device=None, force:bool=False, progr
     for r, is_done in (mb if mb is not None else zip(runs, done)):
         if mb is not None: mb.main_bar.comment = r.name
         if is_done:
-            metrics = load_json(r.folder(out)/'metrics.json')
+            metrics = load_metrics(r.folder(out)/'metrics.json')
             log(f"{r.name}: finished, skipped")
         else:
             metrics = run_one(r, out, dev, mb)
@@ -156,7 +156,7 @@ def summarize(runs:list[FinishedRun]) -> list[dict]:
     rows = []
     for (dataset, opt), group in groups.items():
         ok = [run.metrics for run in group if run.ok]
-        curv = [run.measurement('curvature', 'trace') or {} for run in group if run.ok]
+        curv = [run.measurement('curvature', ('trace', 'top_eigenvalues')) or {} for run in group if run.ok]
         values = dict(final_test_acc=[100 * m['epochs'][-1]['test_acc'] for m in ok],
                       best_test_acc=[100 * max(e['test_acc'] for e in m['epochs']) for m in ok],
                       final_train_loss=[m['epochs'][-1]['train_loss'] for m in ok],

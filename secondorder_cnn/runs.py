@@ -20,8 +20,8 @@ from .optimizers import OPTIMIZERS, make_optimizer, train_step
 
 # %% auto #0
 __all__ = ['MAX_SEED', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run', 'write_json',
-           'save_model', 'load_json', 'check_out', 'check_writable', 'run_one', 'finished', 'FinishedRun',
-           'finished_runs', 'select_runs', 'hessian_subset', 'for_each_run', 'command']
+           'save_model', 'load_json', 'load_metrics', 'check_out', 'check_writable', 'run_one', 'finished',
+           'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'for_each_run', 'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -126,13 +126,29 @@ def save_model(model:nn.Module, f:Path):
     "Write the weights of `model` to `f` as a `state_dict`, atomically"
     write_atomic(partial(torch.save, model.state_dict()), Path(f))
 
-def load_json(f:Path, key:str='status') -> dict:
-    "The JSON object in `f`, a `ValueError` if it is not one or lacks `key`"
+def load_json(f:Path, key:str|tuple='status') -> dict:
+    "The JSON object in `f`, a `ValueError` if it is not one or lacks `key` (or one of the keys in a tuple)"
     try: obj = json.loads(Path(f).read_text())
     except (ValueError, UnicodeDecodeError): obj = None
-    if not isinstance(obj, dict) or key not in obj:
+    if not isinstance(obj, dict) or not all(k in obj for k in ((key,) if isinstance(key, str) else key)):
         raise ValueError(f"{f} is corrupt: delete it, or rerun with --force")
     return obj
+
+_EPOCH = ('epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds')
+_CONFIG = dict(dataset=str, optimizer=str, seed=int, epochs=int, bs=int, settings=dict)
+
+def load_metrics(f:Path) -> dict:
+    "The metrics in `f`, a `ValueError` if they are not those of a run, finished or diverged"
+    metrics, f = load_json(f, ('status', 'config', 'epochs')), Path(f)
+    config, epochs = metrics['config'], metrics['epochs']
+    ok = metrics['status'] in ('ok', 'diverged') and isinstance(config, dict) and isinstance(epochs, list)
+    ok = ok and all(isinstance(config.get(k), t) and not isinstance(config.get(k), bool) for k, t in _CONFIG.items())
+    ok = ok and all(isinstance(e, dict) and all(isinstance(e.get(k), (int, float)) for k in _EPOCH) for e in epochs)
+    ok = ok and (metrics['status'] == 'diverged' or len(epochs) > 0)
+    if ok and f.parent.name.startswith('seed'):  # in a run folder, it must be that run's
+        ok = [config['dataset'], config['optimizer'], f"seed{config['seed']}"] == list(f.parts[-4:-1])
+    if not ok: raise ValueError(f"{f} is corrupt: delete it, or rerun with --force")
+    return metrics
 
 def check_out(out) -> Path:
     "`out` as a `Path` if it is, or can be created as, a writable folder; else a `ValueError`"
@@ -190,7 +206,7 @@ def finished(r:Run, out) -> bool:
     "Whether `r` has finished in `out` with the same config; a `ValueError` if its metrics are corrupt or another run's"
     folder = r.folder(out)
     if not (folder/'metrics.json').exists(): return False
-    metrics = load_json(folder/'metrics.json')
+    metrics = load_metrics(folder/'metrics.json')
     diff = _differences(metrics.get('config'), r.config())
     if diff: raise ValueError(f"{folder} holds a finished run with another configuration ({'; '.join(diff)}); "
                               "rerun with --force, or choose another --out")
@@ -257,7 +273,7 @@ def finished_runs(out) -> list[FinishedRun]:
     def rank(f):
         dataset, opt, seed = f.parts[-4:-1]
         return DATASETS.index(dataset), opts.index(opt) if opt in opts else len(opts), opt, int(seed[4:])
-    return [FinishedRun(f.parent, load_json(f)) for f in sorted(fs, key=rank)]
+    return [FinishedRun(f.parent, load_metrics(f)) for f in sorted(fs, key=rank)]
 
 def select_runs(out, datasets=None, optimizers=None, seeds=None) -> list[FinishedRun]:
     "The finished runs in `out` of `datasets`, `optimizers` and `seeds` (all of them where None)"

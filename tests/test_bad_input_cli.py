@@ -187,3 +187,18 @@ def test_landscape_checks_its_pages_before_measuring(copy, capsys):
     before = snapshot(copy)
     assert "it is a folder" in fails(['landscape', '--out', copy, '--force', *SMALL_LANDSCAPE], capsys)
     assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize('content', [
+    '{"status": "ok"}', '{"status": "finished", "config": {}, "epochs": []}', '[1, 2]', '"ok"', 'null',
+    '{"status": "ok", "config": {"dataset": "digits", "optimizer": "adam", "seed": 0, "epochs": 1, "bs": 256, '
+    '"settings": {}}, "epochs": [{}]}',
+    'other run'])
+def test_metrics_of_the_wrong_shape_are_corrupt(copy, capsys, content):
+    f = copy/'digits/adam/seed0/metrics.json'
+    if content == 'other run': f.write_text((copy/'digits/sgd/seed0/metrics.json').read_text())
+    else: f.write_text(content)
+    before = snapshot(copy)
+    for args in (['report'], ['curvature'], ['landscape'], ['run', '--optimizers', 'adam', *SHORT]):
+        assert f"{f} is corrupt: delete it, or rerun with --force" in fails([*args, '--out', copy], capsys)
+    assert snapshot(copy) == before
