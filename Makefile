@@ -18,7 +18,7 @@ run: install
 	$(BIN)/secondorder-cnn run --preset quick
 
 test: install check-export check-readme
-	$(BIN)/nbdev_test
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test  # one thread per notebook process: two-thread workers on two cores wait on each other
 	$(BIN)/pytest -q tests
 	@if [ -n "$(CHROMIUM)" ]; then $(MAKE) --no-print-directory site-check; else echo "no Chromium: the browser check of the site (make site-check) was skipped"; fi
 

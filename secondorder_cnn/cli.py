@@ -8,7 +8,7 @@ import argparse, copy, inspect
 from fastcore.docments import docments
 from fastcore.script import Param
 from .runs import COMMANDS, SHARED
-from . import experiments, landscape  # they declare their subcommands
+from . import experiments, landscape, original  # they declare their subcommands
 
 # %% auto #0
 __all__ = ['parser', 'os_message', 'main']
@@ -21,6 +21,7 @@ class _Parser(argparse.ArgumentParser):
 def _option(name:str, doc) -> Param:
     "The `Param` of the parameter `name` of a subcommand, described by `doc` (a docments entry)"
     if name in SHARED and not doc.docment: param = copy.copy(SHARED[name])
+    elif doc.anno == list[str]: param = Param(doc.docment or '', str, nargs='+')
     else:
         anno = None if doc.anno is inspect.Parameter.empty else doc.anno
         param = Param(doc.docment or '', anno)
@@ -35,7 +36,9 @@ def parser() -> _Parser:
     for name, f in COMMANDS.items():
         s = sub.add_parser(name, help=f.__doc__, description=f.__doc__)
         for k, doc in docments(f, full=True, returns=False, eval_str=True).items():
-            s.add_argument('--' + k.replace('_', '-'), dest=k, **_option(k, doc).kwargs)
+            param = _option(k, doc)
+            if param.opt: s.add_argument('--' + k.replace('_', '-'), dest=k, **param.kwargs)
+            else: s.add_argument(k, **param.kwargs)
     return p
 
 def os_message(e:OSError) -> str:

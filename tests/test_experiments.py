@@ -104,7 +104,7 @@ def test_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
 
 @pytest.mark.parametrize('args, msg', [
     (['run', '--preset', 'huge'], "preset 'huge' is not allowed; allowed: 'quick', 'paper', 'fmnist'"),
-    (['run', '--datasets', 'digits,imagenet'], "unknown dataset 'imagenet'; allowed: mnist, fashion_mnist, cifar10, digits"),
+    (['run', '--datasets', 'digits,imagenet'], "unknown dataset 'imagenet'; allowed: mnist, fashion_mnist, cifar10, digits, mnist5k"),
     (['run', '--optimizers', 'adam,rmsprop'], "optimizer 'rmsprop' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah'"),
     (['run', '--epochs', '0'], 'epochs 0 must be an integer >= 1'),
     (['run', '--epochs', 'ten'], "argument --epochs: invalid int value: 'ten'"),
