@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_experiments.ipynb #fea30895
 from __future__ import annotations
-import csv, inspect, math, sys, time, warnings
+import csv, math, sys, time, warnings
 from pathlib import Path
 import numpy as np, torch.nn.functional as F
 from fastprogress.fastprogress import master_bar
@@ -13,7 +13,8 @@ from .data import check_choice, check_dataset, check_int, resolve_device, write_
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS
 from .runs import (FinishedRun, Run, check_out, command, finished, finished_runs, for_each_run,
-                                  check_writable, load_metrics, parse_lr, parse_names, parse_seed, parse_seeds, run_one)
+                                  check_writable, load_metrics, parse_lr, parse_names, parse_seed, parse_seeds, run_one,
+                                  signature_defaults)
 
 # %% auto #0
 __all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature_settings', 'curvature',
@@ -107,8 +108,7 @@ BUDGETS = dict(top_n=(1, 50), max_iter=(1, 1000), max_hvp=(3, 3000), slq_iter=(1
 def curvature_settings(prefix:str='', # put before a setting's name in a message: '--' on the command line
                        **budgets) -> dict:
     "Every setting of `curvature_of`, its defaults replaced by `budgets`, each checked against its bounds"
-    params = inspect.signature(curvature_of).parameters.items()
-    settings = {k: p.default for k, p in params if p.default is not p.empty}
+    settings = signature_defaults(curvature_of)
     for k in budgets: check_choice(k, tuple(settings), 'curvature setting')
     settings |= budgets
     name = lambda k: prefix + (k.replace('_', '-') if prefix else k)

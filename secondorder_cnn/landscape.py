@@ -4,13 +4,13 @@
 
 # %% ../nbs/06_landscape.ipynb #3d8a6a95
 from __future__ import annotations
-import copy, hashlib, html, inspect, json, math, time, warnings
+import copy, hashlib, html, json, math, time, warnings
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn, Tensor
 from .data import check_choice, check_int, write_atomic
 from .hessian import HessianOperator
-from .runs import check_writable, command, for_each_run, parse_seed, select_runs
+from .runs import check_writable, command, for_each_run, parse_seed, select_runs, signature_defaults
 
 # %% auto #0
 __all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'check_direction', 'random_direction', 'orthogonalize', 'hessian_directions',
@@ -383,9 +383,8 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
               device=None, force:bool=False, log=print) -> list[dict]:
     "Compute and store the landscapes of the finished runs in `out`, their pages and the index page; the landscapes"
     check_range(lo, hi, resolution)
-    settings = dict(resolution=resolution, lo=float(lo), hi=float(hi), seed=parse_seed(seed))
-    settings |= {k: p.default for k, p in inspect.signature(landscape_of).parameters.items()
-                 if p.default is not p.empty and k not in settings}
+    settings = signature_defaults(landscape_of) | dict(resolution=resolution, lo=float(lo), hi=float(hi),
+                                                       seed=parse_seed(seed))
     measure = lambda model, x, y: dict(landscape_of(model, x, y, **settings), resolution=resolution,
                                        range=[float(lo), float(hi)])
     pages = [run.folder/'landscape.html' for run in select_runs(out, datasets, optimizers, seeds) if run.ok]

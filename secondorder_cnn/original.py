@@ -13,8 +13,8 @@ from .data import (TensorLoader, check_bool, check_dataset, describe, is_int, lo
                                   resolve_device)
 from .model import LeNet5, evaluate, n_params
 from .optimizers import OPTIMIZERS
-from .runs import (FinishedRun, Run, check_out, check_writable, command, load_metrics, save_model,
-                                  write_json)
+from .runs import (FinishedRun, Run, check_out, check_writable, clear_run_folder, command, load_metrics,
+                                  save_model, write_json)
 
 # %% auto #0
 __all__ = ['ALLOWED', 'DATASET_NAMES', 'OPTIMIZER_NAMES', 'CURVES', 'ORIGINAL_SEED', 'ORIGINAL_BS', 'pickle_globals',
@@ -250,8 +250,7 @@ def import_original(files, # the original study's results files: MNIST_results.d
         if name not in fresh:
             log(f"{name}: imported already from {file}, skipped")
             continue
-        for g in folder.glob('*'):
-            if g.is_file() and not g.name.startswith('.'): g.unlink()  # an import redone keeps no result of the old
+        clear_run_folder(folder)
         trained = dict(trained_with=dict(torch='1.8.0', device='cpu'), doc=OPTIMIZERS[run.optimizer].doc)
         write_json(config | trained | dict(imported_with=dict(torch=torch.__version__, secondorder_cnn=__version__)),
                    folder/'config.json')

@@ -13,15 +13,16 @@ from fastcore.script import Param, store_true
 from fastprogress.fastprogress import progress_bar
 from torch import nn, Tensor
 from . import __version__
-from .data import (DATASETS, check_choice, check_dataset, check_int, get_dls, load_tensors,
+from .data import (DATASETS, MAX_SEED, check_choice, check_dataset, check_int, get_dls, load_tensors,
                                   resolve_device, stratified_subset, write_atomic)
 from .model import LeNet5, evaluate, n_params, to_device
 from .optimizers import OPTIMIZERS, make_optimizer, train_step
 
 # %% auto #0
-__all__ = ['MAX_SEED', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run', 'write_json',
-           'save_model', 'load_json', 'load_metrics', 'check_out', 'check_writable', 'run_one', 'finished',
-           'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'for_each_run', 'command']
+__all__ = ['SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run', 'signature_defaults',
+           'write_json', 'save_model', 'load_json', 'load_metrics', 'check_out', 'check_writable', 'clear_run_folder',
+           'run_one', 'finished', 'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'for_each_run',
+           'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -65,8 +66,6 @@ def parse_names(x) -> list:
     xs = [s.strip() for s in x.split(',')] if isinstance(x, str) else list(x)
     return list(dict.fromkeys(s for s in xs if s != ''))
 
-MAX_SEED = 2**32 - 1
-
 def parse_seed(s) -> int:
     "`s` (an integer or its text) as a seed in 0..`MAX_SEED`, else a `ValueError`"
     try: seed = check_int(int(s) if isinstance(s, str) else s, 'seed', 0)
@@ -105,8 +104,7 @@ class Run:
     def settings(self) -> dict:
         "Every setting of this run's optimizer — class defaults, registry, lr — as JSON gives them back"
         spec = OPTIMIZERS[self.optimizer]
-        params = inspect.signature(spec.cls).parameters.items()
-        defaults = {k: p.default for k, p in params if p.default is not p.empty and k not in ('generator', 'seed')}
+        defaults = {k: v for k, v in signature_defaults(spec.cls).items() if k not in ('generator', 'seed')}
         chosen = defaults | spec.kwargs | ({} if self.lr is None else dict(lr=self.lr))
         return json.loads(json.dumps(chosen, default=str))
 
@@ -114,6 +112,10 @@ class Run:
         "What defines this run: a finished run is reused only if this is unchanged"
         return dict(dataset=self.dataset, optimizer=self.optimizer, seed=self.seed, epochs=self.epochs, bs=self.bs,
                     settings=self.settings())
+
+def signature_defaults(f) -> dict:
+    "The parameters of `f` that have a default, with it: the settings a call of `f` takes unless told otherwise"
+    return {k: p.default for k, p in inspect.signature(f).parameters.items() if p.default is not p.empty}
 
 # %% ../nbs/04_runs.ipynb #eb418247
 def write_json(obj, f:Path):
@@ -166,6 +168,13 @@ def check_writable(*files:Path) -> list[Path]:
         check_out(f.parent)
     return [Path(f) for f in files]
 
+def clear_run_folder(folder:Path):
+    "Empty the run `folder` for a run made again: its files, and the temporary files of processes no longer running"
+    for f in Path(folder).glob('*'):
+        if f.is_file() and not f.name.startswith('.'): f.unlink()
+    for f in Path(folder).glob('.*.tmp'):
+        if _stale_tmp(f): f.unlink()
+
 def _stale_tmp(f:Path) -> bool:
     "Whether the temporary file `f` (`.<name>.<pid>.tmp`) is not being written by a running process"
     pid = f.name.split('.')[-2]
@@ -181,10 +190,7 @@ def run_one(r:Run, out, device=None, bar=None) -> dict:
     dev = resolve_device(device)
     dls = get_dls(r.dataset, r.bs, device=dev, seed=r.seed)  # before writing anything: missing data fails cleanly
     folder = r.folder(out)
-    for f in folder.glob('*'):
-        if f.is_file() and not f.name.startswith('.'): f.unlink()  # a redone run keeps no result of the old one
-    for f in folder.glob('.*.tmp'):
-        if _stale_tmp(f): f.unlink()  # what a killed process was writing
+    clear_run_folder(folder)
     config = r.config()
     versions = dict(device=str(dev), torch=torch.__version__, secondorder_cnn=__version__)
     write_json(config | versions | dict(doc=OPTIMIZERS[r.optimizer].doc), folder/'config.json')
