@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, torch.nn.functional as F
 from fastprogress.fastprogress import master_bar
 from torch import nn
-from .data import check_choice, check_dataset, check_int, resolve_device, write_atomic
+from .data import DATASETS, check_choice, check_dataset, check_int, resolve_device, write_atomic
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS
 from .runs import (FinishedRun, Run, check_out, command, finished, finished_runs, for_each_run,
@@ -18,8 +18,8 @@ from .runs import (FinishedRun, Run, check_out, command, finished, finished_runs
 
 # %% auto #0
 __all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature_settings', 'curvature',
-           'summarize', 'markdown_table', 'paper_rows', 'paper_table', 'plot_curves', 'report', 'run_cmd',
-           'curvature_cmd', 'report_cmd']
+           'weight_norms', 'summarize', 'markdown_table', 'paper_rows', 'paper_table', 'plot_curves', 'report',
+           'run_cmd', 'curvature_cmd', 'report_cmd']
 
 # %% ../nbs/05_experiments.ipynb #4c588007
 PRESETS = {
@@ -127,13 +127,20 @@ def _curvature_line(c:dict) -> str:
 
 def curvature(out='results', datasets=None, optimizers=None, seeds=None,
               n:int=2000, # training samples the Hessian is taken on
-              device=None, force:bool=False, log=print, **budgets) -> list[dict]:
+              device=None, force:bool=False, log=print,
+              data:str|None=None, # measure on this dataset's training samples instead of each run's own
+              **budgets) -> list[dict]:
     "Measure and store the curvature of the finished runs in `out` (of `datasets`, `optimizers`, `seeds` if given)"
     settings = curvature_settings(**budgets)
     measure = lambda model, x, y: curvature_of(model, x, y, **settings)
     done = for_each_run(out, 'curvature', measure, datasets, optimizers, seeds, n, settings, _curvature_line,
-                        device, force, log)
+                        device, force, log, data)
     return [c for _, c, _ in done]
+
+# %% ../nbs/05_experiments.ipynb #ff51f9f8
+def weight_norms(model:nn.Module, x=None, y=None) -> dict:
+    "The Frobenius norm of each parameter of `model`, by name (`x` and `y` unused: a measurement of the weights alone)"
+    return dict(norms={k: float(p.detach().norm()) for k, p in model.named_parameters()})
 
 # %% ../nbs/05_experiments.ipynb #1351a5d8
 PAPER = {'mnist': dict(adam=98.16, lbfgs=94.88, adahessian=98.94, apollo=98.40),
@@ -214,35 +221,44 @@ def _csv(rows:list[dict], f:Path):
             w.writerows(rows)
     write_atomic(write, f)
 
-def plot_curves(runs:list[FinishedRun], split:str='train'):
+def plot_curves(runs:list[FinishedRun], split:str='train',
+                original:list[FinishedRun]=()): # the original study's runs (`import-original`): dashed, marked so
     "The original study's figure for `split` ('train' or 'test'): a row per dataset, loss and accuracy across epochs"
     from matplotlib.figure import Figure
-    by_dataset = {}
-    for run in runs:
+    check_choice(split, ('train', 'test'), 'split')
+    by_dataset, order = {}, list(OPTIMIZERS)
+    for run, theirs in [(run, False) for run in runs] + [(run, True) for run in original]:
         if not run.metrics['epochs']: continue
         opts = by_dataset.setdefault(run.config['dataset'], {})
-        opts.setdefault(run.config['optimizer'], []).append(run.metrics['epochs'])
+        opts.setdefault((run.config['optimizer'], theirs), []).append(run.metrics['epochs'])
+    by_dataset = {d: by_dataset[d] for d in sorted(by_dataset, key=DATASETS.index)}
     fig = Figure(figsize=(10, 3.2 * max(len(by_dataset), 1)), layout='constrained')
     axs = fig.subplots(max(len(by_dataset), 1), 2, squeeze=False)
     for (dataset, opts), (ax_loss, ax_acc) in zip(by_dataset.items(), axs):
-        for opt, histories in opts.items():
+        for (opt, theirs), histories in opts.items():
             n = min(len(h) for h in histories)
             ep = np.arange(1, n + 1)
+            style = dict(color=f'C{order.index(opt) if opt in order else len(order)}',
+                         ls='--' if theirs else '-', marker='x' if theirs else '.')
             for ax, key, scale in ((ax_loss, f'{split}_loss', 1), (ax_acc, f'{split}_acc', 100)):
                 v = np.array([[e[key] * scale for e in h[:n]] for h in histories])
-                ax.plot(ep, v.mean(0), marker='.', label=opt)
-                if len(histories) > 1: ax.fill_between(ep, v.min(0), v.max(0), alpha=0.2)
+                ax.plot(ep, v.mean(0), label=f'{opt} (original study)' if theirs else opt, **style)
+                if len(histories) > 1: ax.fill_between(ep, v.min(0), v.max(0), color=style['color'], alpha=0.2)
         ax_loss.set(title=f'{dataset}: {split} loss', xlabel='epoch', ylabel='loss', yscale='log')
         ax_acc.set(title=f'{dataset}: {split} accuracy', xlabel='epoch', ylabel='accuracy %')
         ax_acc.legend(fontsize='small')
     return fig
 
-def report(out='results', log=print) -> str:
+def report(out='results', log=print,
+           original=None) -> str: # a folder of runs imported with `import-original`: their curves in the figures too
     "Write the figures, `results.csv` and `paper.csv` of the runs in `out`; the Markdown tables, also given to `log`"
     runs = finished_runs(out)
     if not runs: raise ValueError(f"no finished run in {str(out)!r}: train some first with `secondorder-cnn run`")
+    theirs = [] if original is None else finished_runs(check_out(original))
+    if original is not None and not theirs:
+        raise ValueError(f"no run in {str(original)!r}: import them with `secondorder-cnn import-original`")
     out, rows = Path(out), summarize(runs)
-    figures = {out/'TrainLossAcc.png': plot_curves(runs, 'train'), out/'TestLossAcc.png': plot_curves(runs, 'test')}
+    figures = {out/f'{s.title()}LossAcc.png': plot_curves(runs, s, theirs) for s in ('train', 'test')}
     vs_paper = paper_rows(rows)
     check_writable(*figures, out/'results.csv', out/'paper.csv')
     for f, fig in figures.items(): write_atomic(lambda tmp: fig.savefig(tmp, format='png', dpi=90), f)
@@ -267,7 +283,7 @@ def run_cmd(preset:str='quick', # one of quick, paper, fmnist
     print('\n' + markdown_table(summarize([FinishedRun(r.folder(out), m) for r, m in zip(runs, results)])))
 
 @command('curvature')
-def curvature_cmd(out='results', datasets=None, optimizers=None, seeds=None, device=None, force=False,
+def curvature_cmd(out='results', datasets=None, optimizers=None, seeds=None, device=None, force=False, data=None,
                   samples:int=2000, # training samples the Hessian is taken on
                   max_iter:int=100, # Lanczos steps for the eigenvalues, at most
                   max_hvp:int=150, # Hessian-vector products for the trace
@@ -276,9 +292,10 @@ def curvature_cmd(out='results', datasets=None, optimizers=None, seeds=None, dev
     "Hessian eigenvalues, trace and spectral density of the finished runs"
     budgets = dict(max_iter=max_iter, max_hvp=max_hvp, slq_iter=slq_iter, slq_runs=slq_runs)
     curvature_settings('--', **budgets)  # the options' own names in a message
-    curvature(out, datasets, optimizers, seeds, samples, device, force, **budgets)
+    curvature(out, datasets, optimizers, seeds, samples, device, force, data=data, **budgets)
 
 @command('report')
-def report_cmd(out='results'):
+def report_cmd(out='results',
+               original:str=None): # a folder of the original's runs (import-original): their curves drawn too, dashed
     "Figures, results.csv and the comparison with the original study"
-    report(out)
+    report(out, original=original)

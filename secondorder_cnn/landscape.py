@@ -380,7 +380,8 @@ def _landscape_line(ls:dict) -> str:
 def landscape(out='results', datasets=None, optimizers=None, seeds=None,
               n:int=2000, # training samples, the same stratified subset as `curvature`
               resolution:int=25, lo:float=-0.5, hi:float=0.5, seed:int=0,
-              device=None, force:bool=False, log=print) -> list[dict]:
+              device=None, force:bool=False, log=print,
+              data:str|None=None) -> list[dict]: # measure on this dataset's training samples instead of each run's own
     "Compute and store the landscapes of the finished runs in `out`, their pages and the index page; the landscapes"
     check_range(lo, hi, resolution)
     settings = signature_defaults(landscape_of) | dict(resolution=resolution, lo=float(lo), hi=float(hi),
@@ -390,7 +391,7 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
     pages = [run.folder/'landscape.html' for run in select_runs(out, datasets, optimizers, seeds) if run.ok]
     check_writable(*pages, Path(out)/'landscape.html', Path(out)/'plotly.min.js')
     done = for_each_run(out, 'landscape', measure, datasets, optimizers, seeds, n, settings, _landscape_line,
-                        device, force, log)
+                        device, force, log, data)
     js, items = plotlyjs(out), []
     for run, ls, fresh in done:
         page = run.folder/'landscape.html'
@@ -415,11 +416,11 @@ def parse_range(s:str) -> tuple[float, float]:
     return v[0], v[1]
 
 @command('landscape')
-def landscape_cmd(out='results', datasets=None, optimizers=None, seeds=None, device=None, force=False,
+def landscape_cmd(out='results', datasets=None, optimizers=None, seeds=None, device=None, force=False, data=None,
                   samples:int=2000, # training samples the loss is taken on
                   resolution:int=25, # grid points per axis
                   range:str='-0.5,0.5', # 'lo,hi', or r for -r,r; write --range=-1,1
                   seed:int=0): # seed of the Lanczos start and the random direction
     "Loss surfaces around the finished runs: landscape.json and HTML pages"
     lo, hi = parse_range(range)
-    landscape(out, datasets, optimizers, seeds, samples, resolution, lo, hi, parse_seed(seed), device, force)
+    landscape(out, datasets, optimizers, seeds, samples, resolution, lo, hi, parse_seed(seed), device, force, data=data)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_runs.ipynb #07e1ae97
 from __future__ import annotations
-import hashlib, inspect, json, math, os, time
+import hashlib, inspect, io, json, math, os, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -125,8 +125,10 @@ def write_json(obj, f:Path):
     write_atomic(lambda tmp: tmp.write_text(text), Path(f))
 
 def save_model(model:nn.Module, f:Path):
-    "Write the weights of `model` to `f` as a `state_dict`, atomically"
-    write_atomic(partial(torch.save, model.state_dict()), Path(f))
+    "Write the weights of `model` to `f` as a `state_dict`, atomically; the same weights give the same bytes"
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # to a buffer: a path would name the archive's folder after the temporary file
+    write_atomic(lambda tmp: tmp.write_bytes(buf.getvalue()), Path(f))
 
 def load_json(f:Path, key:str|tuple='status') -> dict:
     "The JSON object in `f`, a `ValueError` if it is not one or lacks `key` (or one of the keys in a tuple)"
@@ -317,18 +319,22 @@ def for_each_run(out, # the results folder
                  n:int=2000, # training samples it is made on: `hessian_subset`
                  settings:dict|None=None, # every setting of `measure`: a stored result with others is redone
                  describe=None, # `describe(result)` → what to log after measuring a run
-                 device=None, force:bool=False, log=print) -> list[tuple[FinishedRun, dict, bool]]:
+                 device=None, force:bool=False, log=print,
+                 data:str|None=None # measure on this dataset's training samples instead of each run's own
+                ) -> list[tuple[FinishedRun, dict, bool]]:
     "`(run, result, fresh)` for each selected run that trained to the end: its stored `what`, else measured and stored"
     check_int(n, 'samples')
     settings, log = settings or {}, log or (lambda s: None)
     runs, dev = select_runs(out, datasets, optimizers, seeds), resolve_device(device)
     if not runs:
         raise ValueError(f"no finished run in {str(out)!r} matches: train some first with `secondorder-cnn run`")
+    if data is not None: check_dataset(data)
     for run in runs:
         if run.ok and not (run.folder/'model.pt').exists():
             raise ValueError(f"{run.folder} has no model.pt: retrain it with `secondorder-cnn run --force`")
     models = {run.folder: run.load_model('cpu') for run in runs if run.ok}  # every model checked before any work
-    wanted = {run.folder: dict(model_sha256=run.model_sha256(), samples=n, subset_seed=0, **settings)
+    on = {} if data is None else dict(data=data)  # recorded only when it is not the run's own
+    wanted = {run.folder: dict(model_sha256=run.model_sha256(), samples=n, subset_seed=0, **on, **settings)
               for run in runs if run.ok}
     stored = {run.folder: None if force else run.result(what, 'n_samples') for run in runs if run.ok}
     check_writable(*[run.result_file(what) for run in runs if run.ok])
@@ -342,7 +348,7 @@ def for_each_run(out, # the results folder
         if not fresh: log(f"{run.name}: {what} present, skipped")
         else:
             if why: log(f"{run.name}: the stored {what} is stale ({why}): measuring it again")
-            dataset = run.config['dataset']
+            dataset = data or run.config['dataset']
             if dataset not in subsets: subsets[dataset] = hessian_subset(dataset, n, dev)
             x, y = subsets[dataset]
             result = dict(measure(to_device(models[run.folder], dev), x, y), n_samples=len(y), subset_seed=0,
@@ -359,6 +365,7 @@ SHARED = dict(
     optimizers=Param(f"optimizers, comma-separated: {', '.join(OPTIMIZERS)}", str),
     seeds=Param('seeds, comma-separated', str),
     device=Param('cpu, cuda, ... (default: a GPU if there is one)', str),
+    data=Param("measure on this dataset's training samples, not each run's own (mnist5k for MNIST runs offline)", str),
     force=Param('redo what is already finished', store_true))
 
 COMMANDS = {}

@@ -76,6 +76,7 @@ CASES = [  # arguments after --out <results>, and what the error must say
     (['curvature', '--seeds', '7'], 'no finished run in'),
     (['curvature', '--seeds', 'x'], "seed 'x' must be an integer >= 0"),
     (['curvature', '--device', 'gpu0'], "unknown device 'gpu0'"),
+    (['curvature', '--data', 'mnist6k'], "unknown dataset 'mnist6k'"),
     (['landscape', '--range', '0.5,-0.5'], "range '0.5,-0.5' (0.5, -0.5) must be finite and increasing"),
     (['landscape', '--range', 'nan,1'], 'must be finite and increasing'),
     (['landscape', '--range', 'a,b'], "range 'a,b' must be 'lo,hi' or one number r for -r,r"),
@@ -89,6 +90,7 @@ CASES = [  # arguments after --out <results>, and what the error must say
     (['landscape', '--seed', '99999999999'], 'seed 99999999999 must be at most 4294967295'),
     (['landscape', '--datasets', 'imagenet'], "unknown dataset 'imagenet'"),
     (['landscape', '--optimizers', 'rmsprop'], "optimizer 'rmsprop' is not allowed"),
+    (['landscape', '--data', 'svhn'], "unknown dataset 'svhn'"),
     (['report', '--optimizers', 'adam'], 'unrecognized arguments: --optimizers adam'),
     (['train'], "invalid choice: 'train'"),
 ]

@@ -84,6 +84,9 @@ def test_a_file_in_the_original_format_round_trips(tmp_path, data_env, one_threa
     fake_mnist(data_env/'MNIST'/'raw')
     cs = curvature(out, n=50, device='cpu', log=None, max_iter=5, max_hvp=6, slq_iter=5, slq_runs=1)
     assert len(cs) == 2 and all(c['n_samples'] == 50 for c in cs)
+    # measured on other data, offline: recorded, and a result for those data only
+    cs = curvature(out, n=50, device='cpu', log=None, data='mnist5k', max_iter=5, max_hvp=6, slq_iter=5, slq_runs=1)
+    assert len(cs) == 2 and all(c['computed_from']['data'] == 'mnist5k' for c in cs)
 
 
 def test_importing_again_skips_and_force_redoes(tmp_path):
