@@ -137,7 +137,7 @@ def curvature(out='results', datasets=None, optimizers=None, seeds=None,
                         device, force, log, data)
     return [c for _, c, _ in done]
 
-# %% ../nbs/05_experiments.ipynb #ff51f9f8
+# %% ../nbs/05_experiments.ipynb #9747971f
 def weight_norms(model:nn.Module, x=None, y=None) -> dict:
     "The Frobenius norm of each parameter of `model`, by name (`x` and `y` unused: a measurement of the weights alone)"
     return dict(norms={k: float(p.detach().norm()) for k, p in model.named_parameters()})
@@ -254,7 +254,7 @@ def report(out='results', log=print,
     "Write the figures, `results.csv` and `paper.csv` of the runs in `out`; the Markdown tables, also given to `log`"
     runs = finished_runs(out)
     if not runs: raise ValueError(f"no finished run in {str(out)!r}: train some first with `secondorder-cnn run`")
-    theirs = [] if original is None else finished_runs(check_out(original))
+    theirs = finished_runs(original) if original is not None and Path(original).is_dir() else []
     if original is not None and not theirs:
         raise ValueError(f"no run in {str(original)!r}: import them with `secondorder-cnn import-original`")
     out, rows = Path(out), summarize(runs)

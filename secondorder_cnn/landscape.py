@@ -16,7 +16,7 @@ from .runs import check_writable, command, for_each_run, parse_seed, select_runs
 __all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'check_direction', 'random_direction', 'orthogonalize', 'hessian_directions',
            'check_range', 'inference_copy', 'landscape_1d', 'landscape_2d', 'plotly_html', 'Plot', 'plotlyjs',
            'plot_surface', 'plot_surfaces', 'plot_contours', 'plot_lines', 'plot_lines_mpl', 'landscape_of', 'run_page',
-           'index_page', 'landscape', 'parse_range', 'landscape_cmd']
+           'index_page', 'landscape', 'parse_range', 'landscape_cmd', 'path_between']
 
 # %% ../nbs/06_landscape.ipynb #9f5c2ca6
 def _params(model:nn.Module) -> list[Tensor]: return [p for p in model.parameters() if p.requires_grad]
@@ -424,3 +424,14 @@ def landscape_cmd(out='results', datasets=None, optimizers=None, seeds=None, dev
     "Loss surfaces around the finished runs: landscape.json and HTML pages"
     lo, hi = parse_range(range)
     landscape(out, datasets, optimizers, seeds, samples, resolution, lo, hi, parse_seed(seed), device, force, data=data)
+
+# %% ../nbs/06_landscape.ipynb #28237df9
+def path_between(model:nn.Module, other:nn.Module, x, y,
+                 resolution:int=31, lo:float=-0.25, hi:float=1.25, # the values of α
+                 bs:int=250) -> dict:
+    "Loss and accuracy on `(x, y)` at θ + α(θ' − θ), θ the weights of `model` and θ' those of `other`"
+    al = check_range(lo, hi, resolution)
+    theirs = check_direction(model, _params(other), 'other')
+    loss, acc = landscape_1d(model, F.cross_entropy, (x, y), [q - p.detach() for p, q in zip(_params(model), theirs)],
+                             al, bs)
+    return dict(alphas=al.tolist(), loss=loss.tolist(), acc=acc.tolist())

@@ -91,6 +91,7 @@ CASES = [  # arguments after --out <results>, and what the error must say
     (['landscape', '--datasets', 'imagenet'], "unknown dataset 'imagenet'"),
     (['landscape', '--optimizers', 'rmsprop'], "optimizer 'rmsprop' is not allowed"),
     (['landscape', '--data', 'svhn'], "unknown dataset 'svhn'"),
+    (['report', '--original', 'nowhere'], "no run in 'nowhere': import them with `secondorder-cnn import-original`"),
     (['report', '--optimizers', 'adam'], 'unrecognized arguments: --optimizers adam'),
     (['train'], "invalid choice: 'train'"),
 ]

@@ -204,3 +204,15 @@ def test_the_real_cifar_file_reads(tmp_path):
     assert list(got) == [('CIFAR', o) for o in ('Adam', 'LBFGS', 'AdaHessian', 'Apollo')]
     assert all(len(r['test_accuracies']) == 50 for r in got.values())
     assert [round(100 * r['test_accuracies'][-1], 2) for r in got.values()] == [56.41, 49.62, 50.33, 53.39]
+
+
+@needs_original
+def test_the_committed_measurements_are_of_the_original_weights(tmp_path, one_thread):
+    "The original's weights stay out of the repository: its measurements there name, by SHA-256, what importing gives"
+    stored = {f: json.loads(f.read_text())['computed_from']['model_sha256']
+              for f in sorted((ROOT/'results'/'original').glob('*/*/seed*/*.json'))
+              if f.name not in ('config.json', 'metrics.json')}
+    assert len(stored) >= 16, sorted(stored)  # curvature and landscape of the Fashion-MNIST and MNIST models
+    files = sorted(ORIGINAL.glob('*_results.dic'))
+    runs = {run.name: run for f in files for run in import_original(f, tmp_path, log=None)}
+    for f, sha in stored.items(): assert runs['/'.join(f.parts[-4:-1])].model_sha256() == sha, f
