@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_hessian.ipynb #37c0f981
 from __future__ import annotations
-import math, warnings
+import copy, math, warnings
 from collections.abc import Iterable, Iterator
 import torch
 from fastcore.basics import patch
@@ -15,7 +15,7 @@ from .data import (
 from .model import check_model
 
 # %% auto #0
-__all__ = ['PROBES', 'hvp', 'Result', 'HessianOperator', 'probe', 'hutchinson_diag']
+__all__ = ['PROBES', 'hvp', 'Result', 'block_params', 'HessianOperator', 'probe', 'hutchinson_diag']
 
 # %% ../nbs/02_hessian.ipynb #a7e3c9d1
 def hvp(grads:list[Tensor], # gradients of the loss, built with `create_graph=True`
@@ -58,10 +58,37 @@ class Result(tuple):
         r.__dict__.update(extras)
         return r
 
+# %% ../nbs/02_hessian.ipynb #18e78b19
+def block_params(model:nn.Module,
+                 params=None # names of parameters or modules, modules, or a predicate `f(name, param)`; None: all
+                ) -> list[Tensor]:
+    "The trainable parameters of `model` that `params` selects, in the model's order"
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None: return [p for _, p in named]
+    if callable(params) and not isinstance(params, nn.Module): return [p for n, p in named if params(n, p)]
+    items = [params] if isinstance(params, (str, nn.Module)) else params
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, nn.Module)) for i in items):
+        raise ValueError(f"params {describe(params)} must be names of parameters or modules, modules, "
+                         "or a predicate f(name, param)")
+    modules, tensors = dict(model.named_modules()), dict(model.named_parameters(remove_duplicate=False))
+    chosen = set()
+    for i in items:
+        if isinstance(i, str) and i in tensors: chosen.add(id(tensors[i]))
+        elif isinstance(i, str) and i and i in modules: chosen |= {id(p) for p in modules[i].parameters()}
+        elif isinstance(i, nn.Module) and any(i is m for m in modules.values()):
+            chosen |= {id(p) for p in i.parameters()}
+        elif isinstance(i, nn.Module): raise ValueError(f"module {describe(i)} is not inside the model")
+        else:
+            layers = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+            raise ValueError(f"unknown parameter or module name {i!r}; allowed: {', '.join(map(repr, layers))} "
+                             "(or their parameters' names)")
+    return [p for _, p in named if id(p) in chosen]
+
 # %% ../nbs/02_hessian.ipynb #ea01824e
 class HessianOperator:
     "Hessian, in `model`'s trainable parameters, of `criterion`'s mean loss on `data=(x, y)` or over a `dataloader`"
-    def __init__(self, model:nn.Module, criterion, data:tuple|None=None, dataloader=None, progress:bool=False):
+    def __init__(self, model:nn.Module, criterion, data:tuple|None=None, dataloader=None, progress:bool=False,
+                 params=None): # a block: names of parameters or modules, modules, or a predicate (`block_params`)
         if (data is None) == (dataloader is None): raise ValueError("give exactly one of data=(x, y) or dataloader=")
         self.model, self.criterion = check_model(model), check_callable(criterion, 'criterion', '(outputs, targets)')
         self.progress, self.n_hvp = check_bool(progress, 'progress'), 0
@@ -71,8 +98,10 @@ class HessianOperator:
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad: raise ValueError(f"model holds weights that are not finite (NaN or inf): {', '.join(bad)}")
         self.batches = [data] if data is not None else dataloader
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params: raise ValueError("the model has no parameter that requires grad")
+        self.params, self.scale = block_params(model, params), None
+        if not self.params:
+            raise ValueError("the model has no parameter that requires grad" if params is None else
+                             f"params {describe(params)} selects no trainable parameter")
         self.device = self.params[0].device
         batch_name = 'data' if dataloader is None else 'a batch of the dataloader'
         # the batches are checked up to the first that holds samples; the products check the others' values
@@ -117,14 +146,14 @@ def _check_batch(b, name:str) -> tuple[Tensor, Tensor]:
 
 # %% ../nbs/02_hessian.ipynb #363eafc5
 @patch
-def _flat(self:HessianOperator, vs:list[Tensor]) -> Tensor:
+def _flat(self:HessianOperator, vs:list[Tensor], name:str='v') -> Tensor:
     "The list of parameter-shaped tensors `vs` as one vector"
     many = isinstance(vs, (list, tuple))
     if not many or len(vs) != len(self.shapes) or any(not isinstance(v, Tensor) or v.shape != s
                                                       for v, s in zip(vs, self.shapes)):
         want = [tuple(s) for s in self.shapes]
         got = [tuple(v.shape) if isinstance(v, Tensor) else describe(v) for v in vs] if many else describe(vs)
-        raise ValueError(f"v: expected {len(self.shapes)} tensors shaped {want}, got {got}")
+        raise ValueError(f"{name}: expected {len(self.shapes)} tensors shaped {want}, got {got}")
     return torch.cat([v.reshape(-1) for v in vs])
 
 @patch
@@ -135,7 +164,9 @@ def _unflat(self:HessianOperator, v:Tensor) -> list[Tensor]:
 @patch
 def _mv(self:HessianOperator, v:Tensor) -> Tensor:
     "$Hv$ for a flat vector `v`, or $HV$ row by row for a batch `v` of shape (k, P), vectorised over the rows"
-    vs, batched = self._unflat(v.to(self.params[0])), v.dim() == 2
+    v = v.to(self.params[0])
+    if self.scale is not None: v = v * self.scale  # a preconditioned operator: D H D with D = P^{-1/2}
+    vs, batched = self._unflat(v), v.dim() == 2
     if hasattr(self, '_g'): hv = hvp(self._g, self.params, vs, retain_graph=True, batched=batched)
     else:
         hv, n = [torch.zeros_like(t) for t in vs], 0
@@ -147,6 +178,7 @@ def _mv(self:HessianOperator, v:Tensor) -> Tensor:
         hv = [h / n for h in hv]
     self.n_hvp += len(v) if batched else 1
     hv = torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], -1).detach()
+    if self.scale is not None: hv = hv * self.scale
     if not torch.isfinite(hv).all():
         raise ValueError("the Hessian-vector products are not finite (NaN or inf): a batch holds NaN or inf, "
                          "or the loss overflows")
@@ -268,6 +300,41 @@ def eigenvalues(self:HessianOperator,
             warnings.warn(f"Lanczos stopped at max_iter={max_iter} with relative residuals up to {worst:.1e} "
                           f"> tol={tol:g}")
     return Result(eigs, [self._unflat(v) for v in vecs], residuals=res, n_hvp=self.n_hvp - n0, converged=converged)
+
+# %% ../nbs/02_hessian.ipynb #c1800d4f
+@patch
+def sharpness(self:HessianOperator,
+              v0:list[Tensor]|None=None, # where Lanczos starts, e.g. the last top eigenvector; default: random
+              max_iter:int=20, # Lanczos steps at most
+              tol:float=1e-3, # relative residual at which it stops
+              seed:int=0) -> Result: # of the random start
+    "`(λ1, v1)`: the largest eigenvalue and its unit eigenvector, with `.n_hvp`, `.residual` and `.converged`"
+    check_int(max_iter, 'max_iter')
+    check_float(tol, 'tol', 0, lo_open=True)
+    if v0 is None: v = self._randn(torch.Generator().manual_seed(check_seed(seed)))
+    else:
+        v = self._flat(v0, 'v0').to(self.params[0])
+        if not (torch.isfinite(v).all() and v.norm() > 0): raise ValueError("v0 must be finite and not zero")
+    n0 = self.n_hvp
+    a, b, V = self._lanczos(v, max_iter, 1, 'largest', tol)
+    theta, S = _ritz(a, b)
+    u = V.T @ S[:, -1].to(V)
+    res = b[-1] * S[-1, -1].abs().item()
+    converged = res <= tol * abs(theta[-1].item()) or len(a) == self.n
+    return Result(theta[-1].item(), self._unflat(u / u.norm()), n_hvp=self.n_hvp - n0, residual=res,
+                  converged=converged)
+
+# %% ../nbs/02_hessian.ipynb #2eb2c049
+@patch
+def preconditioned(self:HessianOperator,
+                   P:list[Tensor] # the diagonal preconditioner, one positive tensor per parameter (`self.params`)
+                  ) -> HessianOperator:
+    "The operator $P^{-1/2} H P^{-1/2}$, whose eigenvalues are those of $P^{-1}H$; its products counted afresh"
+    p = self._flat(P, 'P').to(self.params[0])
+    if not (torch.isfinite(p).all() and (p > 0).all()): raise ValueError("P must hold finite numbers > 0")
+    op = copy.copy(self)
+    op.scale, op.n_hvp = p.rsqrt() if self.scale is None else self.scale * p.rsqrt(), 0
+    return op
 
 # %% ../nbs/02_hessian.ipynb #d9c99bb2
 PROBES = ('rademacher', 'gaussian')

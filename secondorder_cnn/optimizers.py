@@ -17,8 +17,9 @@ from .model import check_model
 from .hessian import PROBES, hutchinson_diag, hvp, probe
 
 # %% auto #0
-__all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'OPTIMIZERS', 'check_lr', 'check_betas', 'HessianOptimizer', 'AdaHessian', 'Apollo',
-           'SophiaH', 'LBFGS', 'OptSpec', 'make_optimizer', 'train_step']
+__all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'OPTIMIZERS', 'PRECONDITIONED', 'check_lr', 'check_betas', 'HessianOptimizer',
+           'AdaHessian', 'Apollo', 'SophiaH', 'LBFGS', 'OptSpec', 'make_optimizer', 'train_step', 'preconditioner',
+           'stability_threshold']
 
 # %% ../nbs/03_optimizers.ipynb #baf27d3b
 def _check(ok:bool, msg:str):
@@ -365,3 +366,50 @@ def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
     acc = first_acc[0].item() if first_acc else None
     return dict(loss=losses[0], acc=acc, n_loss_evals=len(losses), n_hvp=getattr(opt, 'n_hvp', 0) - n_hvp,
                 diverged=diverged)
+
+# %% ../nbs/03_optimizers.ipynb #2ea58bf0
+def _apollo_lr(group:dict) -> float:
+    "The learning rate of Apollo's last step (of its first, before any), warmup included"
+    t, lr0, lr, T = max(group.get('step', 0) - 1, 0), group['init_lr'], group['lr'], group['warmup']
+    return (lr - lr0) * t / T + lr0 if t < T else lr
+
+def _adam_p(g:dict, p:Tensor, st:dict) -> Tensor:
+    v = st['max_exp_avg_sq'] if g.get('amsgrad') else st['exp_avg_sq']
+    return v.sqrt() / math.sqrt(1 - g['betas'][1] ** float(st['step'])) + g['eps']
+
+def _adahessian_p(g:dict, p:Tensor, st:dict) -> Tensor:
+    k, bc2 = g['hessian_power'], 1 - g['betas'][1] ** g['step']
+    return (st['exp_hess_sq'].sqrt() ** k / math.sqrt(bc2) ** k + g['eps']).expand_as(p)
+
+def _apollo_p(g:dict, p:Tensor, st:dict) -> Tensor:
+    if g['rebound'] == 'belief': raise ValueError("Apollo with rebound='belief' keeps no record of its bound: "
+                                                  "its preconditioner is known only for rebound='constant'")
+    return st['approx_hessian'].abs().clamp(min=g['sigma'])
+
+def _sophiah_p(g:dict, p:Tensor, st:dict) -> Tensor: return st['hess'].clamp(min=g['eps'])
+
+_PRECONDITIONERS = {torch.optim.Adam: ('exp_avg_sq', _adam_p), AdaHessian: ('exp_hess_sq', _adahessian_p),
+                    Apollo: ('approx_hessian', _apollo_p), SophiaH: ('hess', _sophiah_p)}
+PRECONDITIONED = tuple(_PRECONDITIONERS)  # the optimizers that divide their step by a diagonal P
+
+def preconditioner(opt:Optimizer) -> list[Tensor]|None:
+    "The diagonal $P$ that `opt`'s last step divided by, one tensor per parameter; None without one, or before a step"
+    kind = next((c for c in _PRECONDITIONERS if isinstance(opt, c)), None)
+    if kind is None: return None
+    key, f = _PRECONDITIONERS[kind]
+    todo = [(g, p, opt.state.get(p, {})) for g in opt.param_groups for p in g['params']]
+    if not all(key in st for _, _, st in todo): return None
+    with torch.no_grad(): return [f(g, p, st) for g, p, st in todo]
+
+def stability_threshold(opt:Optimizer) -> float|None:
+    "The largest sharpness at which `opt`'s step is stable on a quadratic: of $P^{-1}H$ if it has a $P$, else of $H$"
+    g = opt.param_groups[0]
+    if isinstance(opt, torch.optim.SGD):
+        b, lr = g['momentum'], g['lr']
+        if not lr: return None
+        if not b: return 2 / lr
+        return (2 + 2 * b) / ((1 + 2 * b) * lr) if g['nesterov'] else (2 + 2 * b) / ((1 - g['dampening']) * lr)
+    if isinstance(opt, Apollo): b, lr = g['beta'], _apollo_lr(g)
+    elif isinstance(opt, tuple(_PRECONDITIONERS)): b, lr = g['betas'][0], g['lr']
+    else: return None
+    return (2 + 2 * b) / ((1 - b) * lr) if lr else None

@@ -13,16 +13,18 @@ from fastcore.script import Param, store_true
 from fastprogress.fastprogress import progress_bar
 from torch import nn, Tensor
 from . import __version__
-from .data import (DATASETS, MAX_SEED, check_choice, check_dataset, check_int, get_dls, load_tensors,
-                                  resolve_device, stratified_subset, write_atomic)
+from .data import (DATASETS, MAX_SEED, check_choice, check_dataset, check_float, check_int, describe,
+                                  get_dls, load_tensors, resolve_device, stratified_subset, write_atomic)
+from .hessian import HessianOperator
 from .model import LeNet5, evaluate, n_params, to_device
-from .optimizers import OPTIMIZERS, make_optimizer, train_step
+from .optimizers import (OPTIMIZERS, PRECONDITIONED, make_optimizer, preconditioner,
+                                        stability_threshold, train_step)
 
 # %% auto #0
 __all__ = ['SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run', 'signature_defaults',
            'write_json', 'save_model', 'load_json', 'load_metrics', 'check_out', 'check_writable', 'clear_run_folder',
-           'run_one', 'finished', 'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'for_each_run',
-           'command']
+           'run_one', 'finished', 'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'Tracker',
+           'parse_track', 'for_each_run', 'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -39,19 +41,26 @@ def train(model:nn.Module, # on the device of the loaders
           lr:float|None=None, # replaces the registry's learning rate
           seed:int=0, # seeds the probes of the optimizers that draw them
           criterion=F.cross_entropy, # loss of `model(xb)` against `yb`
-          bar=None) -> dict: # a fastprogress `master_bar` to show the batches under
+          bar=None, # a fastprogress `master_bar` to show the batches under
+          callback=None) -> dict: # `callback(model, opt, step, out)`: before the first step (0, None), after each
     "`status` ('ok' or 'diverged'), `diverged_epoch` and the metrics of each finished epoch of training `model`"
     check_int(epochs, 'epochs')
     train_dl, test_dl = dls
     opt = make_optimizer(opt_name, model.parameters(), seed=seed, **({} if lr is None else dict(lr=lr)))
-    history = []
+    history, n_steps = [], 0
+    if callback is not None: callback(model, opt, 0, None)
     for epoch in range(1, epochs + 1):
         model.train()
-        t0, steps = time.perf_counter(), []
+        t0, steps, t_callback = time.perf_counter(), [], 0.
         for xb, yb in (train_dl if bar is None else _epoch_bar(train_dl, bar, f'epoch {epoch}/{epochs}')):
             steps.append(train_step(model, opt, xb, yb, criterion))
             if steps[-1]['diverged']: return dict(status='diverged', diverged_epoch=epoch, epochs=history)
-        seconds = time.perf_counter() - t0
+            n_steps += 1
+            if callback is not None:
+                t1 = time.perf_counter()
+                callback(model, opt, n_steps, steps[-1])
+                t_callback += time.perf_counter() - t1
+        seconds = time.perf_counter() - t0 - t_callback  # training alone
         test_loss, test_acc = evaluate(model, test_dl, criterion)
         if not math.isfinite(test_loss): return dict(status='diverged', diverged_epoch=epoch, epochs=history)
         total = lambda k: sum(s[k] for s in steps)
@@ -96,6 +105,10 @@ class Run:
     epochs: int
     bs: int
     lr: float|None = None
+    track: str|None = None # measure the curvature along training: `parse_track`'s 'every=K[,samples=N][,trace]'
+
+    def __post_init__(self):
+        if self.track is not None: parse_track(self.track)
 
     @property
     def name(self) -> str: return f'{self.dataset}/{self.optimizer}/seed{self.seed}'
@@ -110,8 +123,9 @@ class Run:
 
     def config(self) -> dict:
         "What defines this run: a finished run is reused only if this is unchanged"
-        return dict(dataset=self.dataset, optimizer=self.optimizer, seed=self.seed, epochs=self.epochs, bs=self.bs,
-                    settings=self.settings())
+        c = dict(dataset=self.dataset, optimizer=self.optimizer, seed=self.seed, epochs=self.epochs, bs=self.bs,
+                 settings=self.settings())
+        return c if self.track is None else c | dict(track=parse_track(self.track))  # untracked: as it always was
 
 def signature_defaults(f) -> dict:
     "The parameters of `f` that have a default, with it: the settings a call of `f` takes unless told otherwise"
@@ -198,7 +212,12 @@ def run_one(r:Run, out, device=None, bar=None) -> dict:
     write_json(config | versions | dict(doc=OPTIMIZERS[r.optimizer].doc), folder/'config.json')
     torch.manual_seed(r.seed)
     model = to_device(LeNet5.for_dataset(r.dataset), dev)
-    result = train(model, r.optimizer, dls, r.epochs, r.lr, r.seed, bar=bar)
+    tracker = None
+    if r.track is not None:
+        t = parse_track(r.track)
+        tracker = Tracker(*hessian_subset(r.dataset, t['samples'], dev), t['every'], t['trace'])
+    result = train(model, r.optimizer, dls, r.epochs, r.lr, r.seed, bar=bar, callback=tracker)
+    if tracker is not None: write_json(dict(config=config, **tracker.summary()), folder/'dynamics.json')
     save_model(model, folder/'model.pt')
     metrics = dict(config=config, **result, n_params=n_params(model), n_train=len(dls[0].y), n_test=len(dls[1].y))
     write_json(metrics, folder/'metrics.json')
@@ -300,6 +319,75 @@ def hessian_subset(dataset:str, n:int=2000, device=None) -> tuple[Tensor, Tensor
     i = stratified_subset(y, min(n, len(y)), seed=0)
     dev = resolve_device(device)
     return x[i].to(dev), y[i].to(dev)
+
+# %% ../nbs/04_runs.ipynb #3eb6570d
+def _subset_loss(model:nn.Module, x:Tensor, y:Tensor, criterion) -> float:
+    "The loss of `model` on `(x, y)` in eval mode, the model's modes restored"
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(): return criterion(model(x), y).item()
+    finally:
+        for m, t in modes.items(): m.training = t
+
+class Tracker:
+    "A `train` callback: every `every` steps, sharpness (plain and preconditioned), thresholds and trace on `(x, y)`"
+    def __init__(self, x:Tensor, y:Tensor, # the fixed subset the Hessian is taken on
+                 every:int, # measure every this many optimizer steps, and before the first
+                 trace:int=0, # Hutch++ products for the trace; 0: no trace
+                 max_iter:int=20, # Lanczos steps per eigenvalue, at most
+                 tol:float=1e-3, # relative residual at which Lanczos stops
+                 criterion=F.cross_entropy):
+        self.x, self.y, self.every, self.trace = x, y, check_int(every, 'every'), check_int(trace, 'trace', 0)
+        self.max_iter, self.tol = check_int(max_iter, 'max_iter'), check_float(tol, 'tol', 0, lo_open=True)
+        self.criterion, self.v, self.v_pre, self.records = criterion, None, None, []
+
+    def __call__(self, model:nn.Module, opt, step:int, out:dict|None=None):
+        if step % self.every: return
+        t0 = time.perf_counter()
+        H = HessianOperator(model, self.criterion, data=(self.x, self.y))
+        lam = H.sharpness(self.v, self.max_iter, self.tol)
+        self.v, n_hvp, pre = lam[1], H.n_hvp, isinstance(opt, PRECONDITIONED)
+        r = dict(step=step, loss=None if out is None else out['loss'],
+                 subset_loss=_subset_loss(model, self.x, self.y, self.criterion), lambda1=lam[0],
+                 threshold=None if pre else stability_threshold(opt), pre_lambda1=None,
+                 pre_threshold=stability_threshold(opt) if pre else None)
+        P = preconditioner(opt)
+        if P is not None:
+            by_param = {id(p): t for p, t in zip((p for g in opt.param_groups for p in g['params']), P)}
+            Hp = H.preconditioned([by_param[id(p)] for p in H.params])
+            lp = Hp.sharpness(self.v_pre, self.max_iter, self.tol)
+            self.v_pre, r['pre_lambda1'], n_hvp = lp[1], lp[0], n_hvp + Hp.n_hvp
+        if self.trace:
+            tr = H.trace(max_hvp=self.trace)
+            r |= dict(trace=tr[0], trace_stderr=tr[1] if math.isfinite(tr[1]) else None)
+            n_hvp += tr.n_hvp
+        self.records.append(r | dict(n_hvp=n_hvp, seconds=time.perf_counter() - t0))
+
+    def summary(self) -> dict:
+        "The settings, the measurements, and their total cost"
+        return dict(every=self.every, samples=len(self.y), trace=self.trace, max_iter=self.max_iter, tol=self.tol,
+                    n_measurements=len(self.records), n_hvp=sum(r['n_hvp'] for r in self.records),
+                    seconds=sum(r['seconds'] for r in self.records), records=self.records)
+
+# %% ../nbs/04_runs.ipynb #312e43bf
+_TRACK = dict(every=None, samples=1000, trace=0)
+
+def parse_track(s:str) -> dict:
+    "The tracking settings in `s`, 'every=K[,samples=N][,trace[=M]]', as a dict `every`, `samples`, `trace`"
+    if not isinstance(s, str): raise ValueError(f"track {describe(s)} must be text like 'every=50,samples=1000,trace'")
+    out = {}
+    for part in (p.strip() for p in s.split(',')):
+        k, eq, v = part.partition('=')
+        k, v = k.strip(), v.strip() if eq else ('30' if k.strip() == 'trace' else '')
+        if k not in _TRACK:
+            raise ValueError(f"track: unknown setting {k!r} in {s!r}; allowed: every=K, samples=N, trace or trace=M")
+        if k in out: raise ValueError(f"track: {k} is given twice in {s!r}")
+        try: out[k] = int(v)
+        except ValueError: out[k] = v
+        check_int(out[k], f'track: {k}', 3 if k == 'trace' else 1)
+    if 'every' not in out: raise ValueError(f"track {s!r} lacks every=K: how many optimizer steps between measurements")
+    return _TRACK | out
 
 # %% ../nbs/04_runs.ipynb #d3564519
 def _why_stale(stored:dict|None, wanted:dict) -> str|None:

@@ -1,0 +1,73 @@
+"Curvature tracking and the edge-of-stability command: bad input is one line, tracking leaves training as it was"
+import pytest, torch
+from secondorder_cnn.cli import main
+from secondorder_cnn.hessian import HessianOperator
+from secondorder_cnn.model import LeNet5
+from secondorder_cnn.runs import Run, parse_track, run_one
+from test_bad_input_cli import fails
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.mark.parametrize('s, msg', [
+    ('', "track: unknown setting ''"),
+    ('every=5,foo=1', "track: unknown setting 'foo' in 'every=5,foo=1'; allowed: every=K, samples=N, trace or trace=M"),
+    ('samples=100', "track 'samples=100' lacks every=K"),
+    ('every=0', 'track: every 0 must be an integer >= 1'),
+    ('every=ten', "track: every 'ten' must be an integer >= 1"),
+    ('every=5,samples=-3', 'track: samples -3 must be an integer >= 1'),
+    ('every=5,trace=1', 'track: trace 1 must be an integer >= 3'),
+    ('every=5,every=6', "track: every is given twice in 'every=5,every=6'"),
+    (None, 'track None must be text like')])
+def test_bad_track_is_one_line(s, msg):
+    with pytest.raises(ValueError) as e: parse_track(s)
+    assert msg in str(e.value) and '\n' not in str(e.value)
+    if s is not None:
+        with pytest.raises(ValueError): Run('digits', 'adam', 0, 1, 256, track=s)
+
+
+def test_unknown_parameter_names_are_one_line():
+    m = LeNet5()
+    x, y = torch.randn(4, 1, 32, 32), torch.arange(4)
+    for bad, msg in [(['classifier.0', 'fc1'], "unknown parameter or module name 'fc1'; allowed: 'feature_extractor.0', "
+                                               "'feature_extractor.3', 'feature_extractor.6', 'classifier.0', 'classifier.2'"),
+                     ('classifier.0.weigth', "unknown parameter or module name 'classifier.0.weigth'"),
+                     (3, 'params 3 must be names of parameters or modules, modules, or a predicate'),
+                     ([torch.nn.Linear(2, 2)], 'is not inside the model')]:
+        with pytest.raises(ValueError) as e: HessianOperator(m, torch.nn.functional.cross_entropy, data=(x, y), params=bad)
+        assert msg in str(e.value) and '\n' not in str(e.value)
+
+
+def test_tracking_does_not_change_training(tmp_path):
+    "The same weights, bit for bit, with and without tracking; the untracked config as it always was"
+    plain, tracked = Run('digits', 'adahessian', 0, 1, 256), Run('digits', 'adahessian', 0, 1, 256,
+                                                                         track='every=2,samples=100')
+    a, b = run_one(plain, tmp_path/'a', 'cpu'), run_one(tracked, tmp_path/'b', 'cpu')
+    assert (plain.folder(tmp_path/'a')/'model.pt').read_bytes() == (tracked.folder(tmp_path/'b')/'model.pt').read_bytes()
+    assert list(a['config']) == ['dataset', 'optimizer', 'seed', 'epochs', 'bs', 'settings']
+    assert b['config'] == a['config'] | dict(track=dict(every=2, samples=100, trace=0))
+    assert [e['train_loss'] for e in a['epochs']] == [e['train_loss'] for e in b['epochs']]
+    assert (tracked.folder(tmp_path/'b')/'dynamics.json').exists()
+    assert not (plain.folder(tmp_path/'a')/'dynamics.json').exists()
+
+
+EDGE = [  # arguments of `edge` after --out, and what the error must say
+    (['--methods', 'gd,sgd'], "method 'sgd' is not allowed; allowed: 'gd', 'momentum', 'adam'"),
+    (['--methods', ','], 'methods is empty'),
+    (['--lrs', '0.1,fast'], "lr 'fast' must be a finite number > 0"),
+    (['--lrs', '-1'], "lr '-1' must be a finite number > 0"),
+    (['--samples', '0'], 'samples 0 must be an integer >= 1'),
+    (['--steps', 'ten'], "argument --steps: invalid int value: 'ten'"),
+    (['--every', '0'], 'every 0 must be an integer >= 1'),
+    (['--trace', '-1'], 'trace -1 must be an integer >= 0'),
+    (['--target-loss', '-1'], 'target_loss -1.0 must be a finite number >= 0'),
+    (['--seed', '-2'], "seed -2 must be an integer >= 0"),
+    (['--dataset', 'imagenet'], "unknown dataset 'imagenet'"),
+    (['--device', 'gpu0'], "unknown device 'gpu0'"),
+    (['--bogus'], 'unrecognized arguments: --bogus')]
+
+
+@pytest.mark.parametrize('args, msg', EDGE)
+def test_edge_bad_input_exits_2_with_one_line(args, msg, tmp_path, capsys):
+    assert msg in fails(['edge', '--out', tmp_path/'edge', *args], capsys)
+    assert not (tmp_path/'edge').exists() or not any((tmp_path/'edge').rglob('*.json'))
