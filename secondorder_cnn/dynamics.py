@@ -4,17 +4,19 @@
 
 # %% ../nbs/08_dynamics.ipynb #807c639b
 from __future__ import annotations
-import statistics, time
+import math, statistics, time, warnings
 from pathlib import Path
 import torch, torch.nn.functional as F
+from torch import nn
 from .data import check_choice, check_dataset, check_float, check_int, resolve_device
+from .hessian import HessianOperator
 from .model import LeNet5, to_device
 from .optimizers import make_optimizer, train_step
-from .runs import (Tracker, check_out, command, hessian_subset, load_json, parse_lr, parse_names,
-                                  parse_seed, write_json)
+from .runs import (Tracker, check_out, command, for_each_run, hessian_subset, load_json, parse_lr,
+                                  parse_names, parse_seed, signature_defaults, write_json)
 
 # %% auto #0
-__all__ = ['METHODS', 'LRS', 'eos_summary', 'edge_of_stability', 'edge_cmd']
+__all__ = ['METHODS', 'LRS', 'eos_summary', 'edge_of_stability', 'layer_curvature', 'layers_cmd', 'edge_cmd']
 
 # %% ../nbs/08_dynamics.ipynb #08f914be
 def eos_summary(records:list[dict]) -> dict:
@@ -91,6 +93,39 @@ def edge_of_stability(out='results/edge', # results folder
                 + ('' if s['median_ratio'] is None else f", median ratio after {s['median_ratio']:.2f}"))
             done.append(r)
     return done
+
+# %% ../nbs/08_dynamics.ipynb #4b3a8dcb
+def layer_curvature(model:nn.Module, x, y,
+                    max_iter:int=100, # Lanczos steps for λ1, at most
+                    tol:float=1e-3, # relative residual at which Lanczos stops
+                    max_hvp:int=60, # Hessian-vector products for each layer's trace
+                    seed:int=0) -> dict: # of the random start and probes
+    "λ1 and trace ± stderr of the Hessian block of each layer of `model` that owns parameters, on `(x, y)`"
+    layers = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    out, t0, n_hvp = {}, time.perf_counter(), 0
+    for name in layers:
+        H = HessianOperator(model, F.cross_entropy, data=(x, y), params=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # convergence is recorded instead
+            top = H.eigenvalues(1, max_iter=max_iter, tol=tol, seed=seed)
+        tr = H.trace(max_hvp=max_hvp, seed=seed)
+        out[name] = dict(n_params=H.n, lambda1=top[0][0], converged=top.converged, trace=tr[0],
+                         trace_stderr=tr[1] if math.isfinite(tr[1]) else None)
+        n_hvp += H.n_hvp
+    return dict(layers=out, n_hvp=n_hvp, seconds=time.perf_counter() - t0)
+
+# %% ../nbs/08_dynamics.ipynb #e4a5b0b2
+@command('layers')
+def layers_cmd(out='results', datasets=None, optimizers=None, seeds=None, device=None, force=False, data=None,
+               samples:int=2000, # training samples the Hessian is taken on
+               max_iter:int=100, # Lanczos steps for each layer's λ1, at most
+               max_hvp:int=60): # Hessian-vector products for each layer's trace
+    "λ1 and trace of each layer's Hessian block, for the finished runs"
+    settings = signature_defaults(layer_curvature) | dict(max_iter=check_int(max_iter, '--max-iter'),
+                                                          max_hvp=check_int(max_hvp, '--max-hvp', 3))
+    line = lambda r: ', '.join(f"{k} λ1 {v['lambda1']:.3g} tr {v['trace']:.3g}" for k, v in r['layers'].items())
+    for_each_run(out, 'layers', lambda m, x, y: layer_curvature(m, x, y, **settings), datasets, optimizers, seeds,
+                 samples, settings, line, device, force, data=data)
 
 # %% ../nbs/08_dynamics.ipynb #b5dafc9c
 @command('edge')

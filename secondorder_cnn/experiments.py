@@ -13,8 +13,8 @@ from .data import DATASETS, check_choice, check_dataset, check_int, resolve_devi
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS
 from .runs import (FinishedRun, Run, check_out, command, finished, finished_runs, for_each_run,
-                                  check_writable, load_metrics, parse_lr, parse_names, parse_seed, parse_seeds, run_one,
-                                  signature_defaults)
+                                  check_writable, load_metrics, parse_lr, parse_names, parse_seed, parse_seeds,
+                                  parse_track, run_one, signature_defaults)
 
 # %% auto #0
 __all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature_settings', 'curvature',
@@ -36,7 +36,8 @@ def plan(preset:str='quick', # a key of `PRESETS`
          epochs:int|None=None, # replaces the preset's epochs, for every dataset
          bs:int|None=None, # replaces the preset's batch size
          lr:float|str|None=None, # replaces the registry's learning rate of every optimizer
-         seeds=None) -> list[Run]: # replace the preset's seeds
+         seeds=None, # replace the preset's seeds
+         track:str|None=None) -> list[Run]: # curvature along training, `parse_track`'s 'every=K[,samples=N][,trace]'
     "The `Run`s of `preset` with its fields overridden, in the order dataset, optimizer, seed"
     p = PRESETS[check_choice(preset, tuple(PRESETS), 'preset')]
     dsets = [check_dataset(d) for d in parse_names(p['datasets'] if datasets is None else datasets)]
@@ -49,7 +50,8 @@ def plan(preset:str='quick', # a key of `PRESETS`
     bs = check_int(p['bs'] if bs is None else bs, 'bs')
     lr = None if lr is None else parse_lr(lr)
     n_epochs = lambda d: epochs or (p['epochs'][d] if isinstance(p['epochs'], dict) else p['epochs'])
-    return [Run(d, o, s, n_epochs(d), bs, lr) for d in dsets for o in opts for s in seeds]
+    if track is not None: parse_track(track)
+    return [Run(d, o, s, n_epochs(d), bs, lr, track) for d in dsets for o in opts for s in seeds]
 
 # %% ../nbs/05_experiments.ipynb #f0df3603
 def _line(r:Run, metrics:dict) -> str:
@@ -276,9 +278,10 @@ def run_cmd(preset:str='quick', # one of quick, paper, fmnist
             epochs:int=None, # replaces the preset's epochs
             bs:int=None, # replaces the preset's batch size
             lr:str=None, # replaces every optimizer's learning rate
-            device=None, out='results', force=False):
+            device=None, out='results', force=False,
+            track:str=None): # curvature along training into dynamics.json: 'every=K[,samples=N][,trace]'
     "Train the grid of a preset, skipping finished runs"
-    runs = plan(preset, datasets, optimizers, epochs, bs, lr, seeds)
+    runs = plan(preset, datasets, optimizers, epochs, bs, lr, seeds, track)
     results = run_grid(runs, out, device, force, progress=sys.stdout.isatty())
     print('\n' + markdown_table(summarize([FinishedRun(r.folder(out), m) for r, m in zip(runs, results)])))
 

@@ -1,4 +1,5 @@
 "Curvature tracking and the edge-of-stability command: bad input is one line, tracking leaves training as it was"
+import json
 import pytest, torch
 from secondorder_cnn.cli import main
 from secondorder_cnn.hessian import HessianOperator
@@ -71,3 +72,18 @@ EDGE = [  # arguments of `edge` after --out, and what the error must say
 def test_edge_bad_input_exits_2_with_one_line(args, msg, tmp_path, capsys):
     assert msg in fails(['edge', '--out', tmp_path/'edge', *args], capsys)
     assert not (tmp_path/'edge').exists() or not any((tmp_path/'edge').rglob('*.json'))
+
+
+def test_layers_command_stores_a_block_per_layer(tmp_path):
+    out = tmp_path/'results'
+    main(['run', '--optimizers', 'adam', '--epochs', '1', '--bs', '256', '--device', 'cpu', '--out', str(out)])
+    args = ['--out', str(out), '--device', 'cpu', '--samples', '100']
+    main(['layers', *args, '--max-iter', '10', '--max-hvp', '9'])
+    main(['curvature', *args, '--max-iter', '10', '--max-hvp', '300', '--slq-iter', '5', '--slq-runs', '1'])
+    ls = json.loads((out/'digits/adam/seed0/layers.json').read_text())
+    assert list(ls['layers']) == ['feature_extractor.0', 'feature_extractor.3', 'feature_extractor.6', 'classifier.0',
+                                  'classifier.2']
+    assert sum(v['n_params'] for v in ls['layers'].values()) == sum(p.numel() for p in LeNet5().parameters())
+    assert ls['computed_from']['max_hvp'] == 9 and ls['n_samples'] == 100
+    c = json.loads((out/'digits/adam/seed0/curvature.json').read_text())
+    assert all(0 < v['lambda1'] <= c['top_eigenvalues'][0] * 1.01 for v in ls['layers'].values())  # a block's λ1 ≤ λ1
