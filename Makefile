@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: settings.ini setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,ray]"  # ray: the tests of --workers and --address
 	touch $@
 
 run: install

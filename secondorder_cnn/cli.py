@@ -8,7 +8,7 @@ import argparse, copy, inspect
 from fastcore.docments import docments
 from fastcore.script import Param
 from .runs import COMMANDS, SHARED
-from . import experiments, landscape, original, dynamics  # they declare their subcommands
+from . import experiments, landscape, original, dynamics, scale  # they declare subcommands, backends
 
 # %% auto #0
 __all__ = ['parser', 'os_message', 'main']

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np, torch.nn.functional as F
 from fastprogress.fastprogress import master_bar
 from torch import nn
-from .data import DATASETS, check_choice, check_dataset, check_int, resolve_device, write_atomic
+from .data import (DATASETS, check_choice, check_dataset, check_int, load_tensors, resolve_device,
+                                  write_atomic)
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS
-from .runs import (FinishedRun, Run, check_out, command, finished, finished_runs, for_each_run,
-                                  check_writable, load_metrics, parse_lr, parse_names, parse_seed, parse_seeds,
-                                  parse_track, run_one, signature_defaults)
+from .runs import (FinishedRun, Run, backend, check_out, command, finished, finished_runs,
+                                  for_each_run, check_writable, load_metrics, lock_run, parse_lr, parse_names,
+                                  parse_seed, parse_seeds, parse_track, serial, signature_defaults, train_run, unlock,
+                                  write_run)
 
 # %% auto #0
 __all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature_settings', 'curvature',
@@ -62,22 +64,42 @@ def _line(r:Run, metrics:dict) -> str:
     return f"{r.name}: test acc {last['test_acc']:.2%}, train loss {last['train_loss']:.4f}, {per_epoch:.2f} s/epoch"
 
 def run_grid(runs:list[Run], out='results', device=None, force:bool=False, progress:bool=False,
-             log=print) -> list[dict]:
-    "Train the `runs` not finished in `out` (all if `force`), printing a line for each; the metrics of all"
-    out, dev, log = check_out(out), resolve_device(device), log or (lambda s: None)
+             log=print, backend=serial) -> list[dict|None]:
+    "Train the `runs` not finished in `out` (all if `force`), a line for each; their metrics (None: another's to train)"
+    out, log = check_out(out), log or (lambda s: None)
+    resolve_device(device)  # checked here, used by each task
     done = [False if force else finished(r, out) for r in runs]  # reads every metrics.json before writing anything
+    for d in dict.fromkeys(r.dataset for r, is_done in zip(runs, done) if not is_done):
+        for train in (True, False): load_tensors(d, train)  # missing data fails here, before any file or lock
     mb = master_bar(list(zip(runs, done))) if progress else None
-    results = []
-    for r, is_done in (mb if mb is not None else zip(runs, done)):
-        if mb is not None: mb.main_bar.comment = r.name
-        if is_done:
-            metrics = load_metrics(r.folder(out)/'metrics.json')
-            log(f"{r.name}: finished, skipped")
-        else:
-            metrics = run_one(r, out, dev, mb)
-            log(_line(r, metrics))
-        results.append(metrics)
-    return results
+    results, locks = {}, {}
+    def claim():
+        "The runs to train, each locked, as the tasks' items; a line for each other"
+        for r, is_done in (mb if mb is not None else zip(runs, done)):
+            if mb is not None: mb.main_bar.comment = r.name
+            if is_done: log(f"{r.name}: finished, skipped")
+            elif (lock := lock_run(r.folder(out))) is None:
+                log(f"{r.name}: in progress in another process, skipped")
+                continue
+            elif not force and finished(r, out):
+                unlock(lock)
+                log(f"{r.name}: finished by another process, skipped")
+            else:
+                locks[r] = lock
+                yield r
+                continue
+            results[r] = load_metrics(r.folder(out)/'metrics.json')
+    bar = mb if backend is serial else None  # a task on Ray has no terminal
+    trained = (serial if all(done) else backend)(train_run, claim(), device=device, bar=bar)
+    try:
+        for r, files in trained:
+            results[r] = write_run(r, out, files)
+            unlock(locks.pop(r))
+            log(_line(r, results[r]))
+    finally:
+        trained.close()
+        for lock in locks.values(): unlock(lock)
+    return [results.get(r) for r in runs]
 
 # %% ../nbs/05_experiments.ipynb #b3e3b492
 def curvature_of(model:nn.Module, x, y,
@@ -131,12 +153,13 @@ def curvature(out='results', datasets=None, optimizers=None, seeds=None,
               n:int=2000, # training samples the Hessian is taken on
               device=None, force:bool=False, log=print,
               data:str|None=None, # measure on this dataset's training samples instead of each run's own
+              backend=serial, # measures the runs: `serial`, or one that `backend` gives
               **budgets) -> list[dict]:
     "Measure and store the curvature of the finished runs in `out` (of `datasets`, `optimizers`, `seeds` if given)"
     settings = curvature_settings(**budgets)
     measure = lambda model, x, y: curvature_of(model, x, y, **settings)
     done = for_each_run(out, 'curvature', measure, datasets, optimizers, seeds, n, settings, _curvature_line,
-                        device, force, log, data)
+                        device, force, log, data, backend)
     return [c for _, c, _ in done]
 
 # %% ../nbs/05_experiments.ipynb #9747971f
@@ -279,11 +302,14 @@ def run_cmd(preset:str='quick', # one of quick, paper, fmnist
             bs:int=None, # replaces the preset's batch size
             lr:str=None, # replaces every optimizer's learning rate
             device=None, out='results', force=False,
-            track:str=None): # curvature along training into dynamics.json: 'every=K[,samples=N][,trace]'
+            track:str=None, # curvature along training into dynamics.json: 'every=K[,samples=N][,trace]'
+            workers:int=None, address:str=None, cpus_per_task:int=1, gpus_per_task:float=0.):
     "Train the grid of a preset, skipping finished runs"
     runs = plan(preset, datasets, optimizers, epochs, bs, lr, seeds, track)
-    results = run_grid(runs, out, device, force, progress=sys.stdout.isatty())
-    print('\n' + markdown_table(summarize([FinishedRun(r.folder(out), m) for r, m in zip(runs, results)])))
+    tasks = backend(workers, address, cpus_per_task, gpus_per_task)
+    results = run_grid(runs, out, device, force, progress=sys.stdout.isatty(), backend=tasks)
+    ran = [FinishedRun(r.folder(out), m) for r, m in zip(runs, results) if m is not None]
+    print('\n' + markdown_table(summarize(ran)))
 
 @command('curvature')
 def curvature_cmd(out='results', datasets=None, optimizers=None, seeds=None, device=None, force=False, data=None,
@@ -291,11 +317,13 @@ def curvature_cmd(out='results', datasets=None, optimizers=None, seeds=None, dev
                   max_iter:int=100, # Lanczos steps for the eigenvalues, at most
                   max_hvp:int=150, # Hessian-vector products for the trace
                   slq_iter:int=80, # Lanczos steps per density run
-                  slq_runs:int=3): # density runs
+                  slq_runs:int=3, # density runs
+                  workers:int=None, address:str=None, cpus_per_task:int=1, gpus_per_task:float=0.):
     "Hessian eigenvalues, trace and spectral density of the finished runs"
     budgets = dict(max_iter=max_iter, max_hvp=max_hvp, slq_iter=slq_iter, slq_runs=slq_runs)
     curvature_settings('--', **budgets)  # the options' own names in a message
-    curvature(out, datasets, optimizers, seeds, samples, device, force, data=data, **budgets)
+    tasks = backend(workers, address, cpus_per_task, gpus_per_task)
+    curvature(out, datasets, optimizers, seeds, samples, device, force, data=data, backend=tasks, **budgets)
 
 @command('report')
 def report_cmd(out='results',

@@ -10,7 +10,8 @@ import numpy as np, torch, torch.nn.functional as F
 from torch import nn, Tensor
 from .data import check_choice, check_int, write_atomic
 from .hessian import HessianOperator
-from .runs import check_writable, command, for_each_run, parse_seed, select_runs, signature_defaults
+from .runs import (backend, check_writable, command, for_each_run, parse_seed, select_runs, serial,
+                                  signature_defaults)
 
 # %% auto #0
 __all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'check_direction', 'random_direction', 'orthogonalize', 'hessian_directions',
@@ -381,7 +382,8 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
               n:int=2000, # training samples, the same stratified subset as `curvature`
               resolution:int=25, lo:float=-0.5, hi:float=0.5, seed:int=0,
               device=None, force:bool=False, log=print,
-              data:str|None=None) -> list[dict]: # measure on this dataset's training samples instead of each run's own
+              data:str|None=None, # measure on this dataset's training samples instead of each run's own
+              backend=serial) -> list[dict]: # computes the landscapes: `serial`, or one that `backend` gives
     "Compute and store the landscapes of the finished runs in `out`, their pages and the index page; the landscapes"
     check_range(lo, hi, resolution)
     settings = signature_defaults(landscape_of) | dict(resolution=resolution, lo=float(lo), hi=float(hi),
@@ -391,7 +393,7 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
     pages = [run.folder/'landscape.html' for run in select_runs(out, datasets, optimizers, seeds) if run.ok]
     check_writable(*pages, Path(out)/'landscape.html', Path(out)/'plotly.min.js')
     done = for_each_run(out, 'landscape', measure, datasets, optimizers, seeds, n, settings, _landscape_line,
-                        device, force, log, data)
+                        device, force, log, data, backend)
     js, items = plotlyjs(out), []
     for run, ls, fresh in done:
         page = run.folder/'landscape.html'
@@ -420,10 +422,13 @@ def landscape_cmd(out='results', datasets=None, optimizers=None, seeds=None, dev
                   samples:int=2000, # training samples the loss is taken on
                   resolution:int=25, # grid points per axis
                   range:str='-0.5,0.5', # 'lo,hi', or r for -r,r; write --range=-1,1
-                  seed:int=0): # seed of the Lanczos start and the random direction
+                  seed:int=0, # seed of the Lanczos start and the random direction
+                  workers:int=None, address:str=None, cpus_per_task:int=1, gpus_per_task:float=0.):
     "Loss surfaces around the finished runs: landscape.json and HTML pages"
     lo, hi = parse_range(range)
-    landscape(out, datasets, optimizers, seeds, samples, resolution, lo, hi, parse_seed(seed), device, force, data=data)
+    tasks = backend(workers, address, cpus_per_task, gpus_per_task)
+    landscape(out, datasets, optimizers, seeds, samples, resolution, lo, hi, parse_seed(seed), device, force,
+              data=data, backend=tasks)
 
 # %% ../nbs/06_landscape.ipynb #28237df9
 def path_between(model:nn.Module, other:nn.Module, x, y,

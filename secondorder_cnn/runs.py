@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_runs.ipynb #07e1ae97
 from __future__ import annotations
-import hashlib, inspect, io, json, math, os, time
+import fcntl, hashlib, inspect, io, json, math, os, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,10 +21,11 @@ from .optimizers import (OPTIMIZERS, PRECONDITIONED, make_optimizer, preconditio
                                         stability_threshold, train_step)
 
 # %% auto #0
-__all__ = ['SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run', 'signature_defaults',
-           'write_json', 'save_model', 'load_json', 'load_metrics', 'check_out', 'check_writable', 'clear_run_folder',
-           'run_one', 'finished', 'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'Tracker',
-           'parse_track', 'for_each_run', 'command']
+__all__ = ['BACKENDS', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run',
+           'signature_defaults', 'write_json', 'state_bytes', 'save_model', 'load_json', 'load_metrics', 'check_out',
+           'check_writable', 'clear_run_folder', 'train_run', 'write_run', 'run_one', 'finished', 'FinishedRun',
+           'finished_runs', 'select_runs', 'hessian_subset', 'Tracker', 'parse_track', 'serial', 'backend', 'lock_run',
+           'unlock', 'for_each_run', 'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -138,11 +139,15 @@ def write_json(obj, f:Path):
     except ValueError: raise ValueError(f"{f}: a non-finite number cannot be stored as JSON") from None
     write_atomic(lambda tmp: tmp.write_text(text), Path(f))
 
-def save_model(model:nn.Module, f:Path):
-    "Write the weights of `model` to `f` as a `state_dict`, atomically; the same weights give the same bytes"
+def state_bytes(model:nn.Module) -> bytes:
+    "The weights of `model` as the bytes of a saved `state_dict`: the same weights give the same bytes"
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)  # to a buffer: a path would name the archive's folder after the temporary file
-    write_atomic(lambda tmp: tmp.write_bytes(buf.getvalue()), Path(f))
+    return buf.getvalue()
+
+def save_model(model:nn.Module, f:Path):
+    "Write the weights of `model` to `f` as a `state_dict`, atomically"
+    write_atomic(lambda tmp: tmp.write_bytes(state_bytes(model)), Path(f))
 
 def load_json(f:Path, key:str|tuple='status') -> dict:
     "The JSON object in `f`, a `ValueError` if it is not one or lacks `key` (or one of the keys in a tuple)"
@@ -201,15 +206,13 @@ def _stale_tmp(f:Path) -> bool:
     return False
 
 # %% ../nbs/04_runs.ipynb #f0df3603
-def run_one(r:Run, out, device=None, bar=None) -> dict:
-    "Train run `r` from scratch and write its files in `r.folder(out)`; the metrics"
+def train_run(r:Run, device=None, bar=None) -> dict:
+    "Train run `r` from scratch, in memory; its files' contents by name, in the order to write them, the metrics last"
     dev = resolve_device(device)
-    dls = get_dls(r.dataset, r.bs, device=dev, seed=r.seed)  # before writing anything: missing data fails cleanly
-    folder = r.folder(out)
-    clear_run_folder(folder)
+    dls = get_dls(r.dataset, r.bs, device=dev, seed=r.seed)
     config = r.config()
     versions = dict(device=str(dev), torch=torch.__version__, secondorder_cnn=__version__)
-    write_json(config | versions | dict(doc=OPTIMIZERS[r.optimizer].doc), folder/'config.json')
+    files = {'config.json': config | versions | dict(doc=OPTIMIZERS[r.optimizer].doc)}
     torch.manual_seed(r.seed)
     model = to_device(LeNet5.for_dataset(r.dataset), dev)
     tracker = None
@@ -217,11 +220,24 @@ def run_one(r:Run, out, device=None, bar=None) -> dict:
         t = parse_track(r.track)
         tracker = Tracker(*hessian_subset(r.dataset, t['samples'], dev), t['every'], t['trace'])
     result = train(model, r.optimizer, dls, r.epochs, r.lr, r.seed, bar=bar, callback=tracker)
-    if tracker is not None: write_json(dict(config=config, **tracker.summary()), folder/'dynamics.json')
-    save_model(model, folder/'model.pt')
-    metrics = dict(config=config, **result, n_params=n_params(model), n_train=len(dls[0].y), n_test=len(dls[1].y))
-    write_json(metrics, folder/'metrics.json')
-    return metrics
+    if tracker is not None: files['dynamics.json'] = dict(config=config, **tracker.summary())
+    files['model.pt'] = state_bytes(model)
+    files['metrics.json'] = dict(config=config, **result, n_params=n_params(model), n_train=len(dls[0].y),
+                                 n_test=len(dls[1].y))
+    return files
+
+def write_run(r:Run, out, files:dict) -> dict:
+    "Write `files` (`train_run`'s) in the emptied folder of `r`, each atomically, JSON or bytes; the metrics"
+    folder = r.folder(out)
+    clear_run_folder(folder)
+    for name, v in files.items():
+        if isinstance(v, bytes): write_atomic(lambda tmp: tmp.write_bytes(v), folder/name)
+        else: write_json(v, folder/name)
+    return files['metrics.json']
+
+def run_one(r:Run, out, device=None, bar=None) -> dict:
+    "Train run `r` from scratch and write its files in `r.folder(out)`; the metrics"
+    return write_run(r, out, train_run(r, device, bar))
 
 def _differences(old, new, path:str='') -> list[str]:
     "Where the JSON values `old` and `new` differ, as 'key: old there, new asked'"
@@ -389,6 +405,49 @@ def parse_track(s:str) -> dict:
     if 'every' not in out: raise ValueError(f"track {s!r} lacks every=K: how many optimizer steps between measurements")
     return _TRACK | out
 
+# %% ../nbs/04_runs.ipynb #1768b499
+def serial(f, items, **shared):
+    "`(item, f(item, **shared))` for each of `items` in turn, in this process"
+    for item in items: yield item, f(item, **shared)
+
+BACKENDS = {'serial': lambda **options: serial}
+
+def backend(workers:int|None=None, # tasks side by side on a local Ray cluster of this many CPUs; None or 1: `serial`
+            address:str|None=None, # join the Ray cluster at this address instead
+            cpus_per_task:int=1, # CPUs, and torch threads, of a task
+            gpus_per_task:float=0.) -> callable: # GPUs of a task; a fraction shares one GPU
+    "The backend that these options ask for: `serial`, or the one registered as 'ray' for more workers or a cluster"
+    if workers is not None: check_int(workers, 'workers')
+    check_int(cpus_per_task, 'cpus_per_task')
+    check_float(gpus_per_task, 'gpus_per_task', 0)
+    if gpus_per_task > 1 and gpus_per_task != int(gpus_per_task):
+        raise ValueError(f"gpus_per_task {gpus_per_task} must be at most 1, or a whole number of GPUs")
+    name = 'serial' if address is None and workers in (None, 1) else 'ray'
+    if name not in BACKENDS:
+        raise ValueError("--workers and --address need the Ray backend: import secondorder_cnn.scale")
+    return BACKENDS[name](workers=workers, address=address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task)
+
+# %% ../nbs/04_runs.ipynb #ff3c4c52
+def lock_run(folder:Path, name:str='run'):
+    "The open lock file `folder/.<name>.lock`, exclusively `flock`ed by this process; None if another process holds it"
+    f = Path(folder)/f'.{name}.lock'
+    f.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = open(f, 'a')
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fd.close()
+            return None
+        try:
+            if os.stat(f).st_ino == os.fstat(fd.fileno()).st_ino: return fd
+        except FileNotFoundError: pass
+        fd.close()  # its holder removed it as we opened it: lock the file now in the folder
+
+def unlock(fd):
+    "Remove the lock file `fd` and release it"
+    Path(fd.name).unlink(missing_ok=True)
+    fd.close()
+
 # %% ../nbs/04_runs.ipynb #d3564519
 def _why_stale(stored:dict|None, wanted:dict) -> str|None:
     "Why a stored measurement is not the one `wanted` (its `computed_from`), or None if it is"
@@ -400,6 +459,13 @@ def _why_stale(stored:dict|None, wanted:dict) -> str|None:
                         {k: v for k, v in wanted.items() if k != 'model_sha256'})
     return f"computed with other settings: {'; '.join(d.replace(' asked', ' now') for d in diff)}" if diff else None
 
+def _measure(item:tuple, subsets:dict, measure, device) -> dict:
+    "The task of `for_each_run`: `measure` the model of `item` on the subset of its dataset, both on `device`"
+    _, model, dataset = item
+    dev = resolve_device(device)
+    x, y = subsets[dataset]
+    return measure(to_device(model, dev), x.to(dev), y.to(dev))
+
 def for_each_run(out, # the results folder
                  what:str, # the measurement's name: stored in `<run folder>/<what>.json`
                  measure, # `measure(model, x, y)` → the measurement (a dict) of one trained model
@@ -408,12 +474,14 @@ def for_each_run(out, # the results folder
                  settings:dict|None=None, # every setting of `measure`: a stored result with others is redone
                  describe=None, # `describe(result)` → what to log after measuring a run
                  device=None, force:bool=False, log=print,
-                 data:str|None=None # measure on this dataset's training samples instead of each run's own
+                 data:str|None=None, # measure on this dataset's training samples instead of each run's own
+                 backend=serial # runs the measurements: `serial`, or one that `backend` gives
                 ) -> list[tuple[FinishedRun, dict, bool]]:
     "`(run, result, fresh)` for each selected run that trained to the end: its stored `what`, else measured and stored"
     check_int(n, 'samples')
     settings, log = settings or {}, log or (lambda s: None)
-    runs, dev = select_runs(out, datasets, optimizers, seeds), resolve_device(device)
+    runs = select_runs(out, datasets, optimizers, seeds)
+    resolve_device(device)  # checked here, used by each task
     if not runs:
         raise ValueError(f"no finished run in {str(out)!r} matches: train some first with `secondorder-cnn run`")
     if data is not None: check_dataset(data)
@@ -426,25 +494,36 @@ def for_each_run(out, # the results folder
               for run in runs if run.ok}
     stored = {run.folder: None if force else run.result(what, 'n_samples') for run in runs if run.ok}
     check_writable(*[run.result_file(what) for run in runs if run.ok])
-    subsets, done = {}, []
-    for run in runs:
-        if not run.ok:
-            log(f"{run.name}: {run.metrics['status']}, no {what}")
-            continue
-        result, why = stored[run.folder], _why_stale(stored[run.folder], wanted[run.folder])
-        fresh = result is None or why is not None
-        if not fresh: log(f"{run.name}: {what} present, skipped")
-        else:
-            if why: log(f"{run.name}: the stored {what} is stale ({why}): measuring it again")
-            dataset = data or run.config['dataset']
-            if dataset not in subsets: subsets[dataset] = hessian_subset(dataset, n, dev)
-            x, y = subsets[dataset]
-            result = dict(measure(to_device(models[run.folder], dev), x, y), n_samples=len(y), subset_seed=0,
-                          computed_from=wanted[run.folder])
+    why = {k: _why_stale(v, wanted[k]) for k, v in stored.items()}
+    todo = {run.folder: data or run.config['dataset'] for run in runs
+            if run.ok and (stored[run.folder] is None or why[run.folder] is not None)}
+    subsets = {d: hessian_subset(d, n, 'cpu') for d in dict.fromkeys(todo.values())}
+    done, locks = {}, {}
+    def claim():
+        "The runs to measure, each locked, as the tasks' items; a line for each other"
+        for run in runs:
+            if not run.ok: log(f"{run.name}: {run.metrics['status']}, no {what}")
+            elif run.folder not in todo:
+                log(f"{run.name}: {what} present, skipped")
+                done[run.folder] = run, stored[run.folder], False
+            elif (lock := lock_run(run.folder, what)) is None: log(f"{run.name}: {what} in progress elsewhere, skipped")
+            else:
+                if why[run.folder]:
+                    log(f"{run.name}: the stored {what} is stale ({why[run.folder]}): measuring it again")
+                locks[run.folder] = lock
+                yield run, models[run.folder], todo[run.folder]
+    results = (backend if todo else serial)(_measure, claim(), subsets=subsets, measure=measure, device=device)
+    try:
+        for (run, _, dataset), result in results:  # nothing to measure: `serial`, no cluster to start
+            result = dict(result, n_samples=len(subsets[dataset][1]), subset_seed=0, computed_from=wanted[run.folder])
             write_json(result, run.result_file(what))
+            unlock(locks.pop(run.folder))
             if describe: log(f"{run.name}: {describe(result)}")
-        done.append((run, result, fresh))
-    return done
+            done[run.folder] = run, result, True
+    finally:
+        results.close()
+        for lock in locks.values(): unlock(lock)
+    return [done[run.folder] for run in runs if run.folder in done]
 
 # %% ../nbs/04_runs.ipynb #111cba61
 SHARED = dict(
@@ -454,7 +533,11 @@ SHARED = dict(
     seeds=Param('seeds, comma-separated', str),
     device=Param('cpu, cuda, ... (default: a GPU if there is one)', str),
     data=Param("measure on this dataset's training samples, not each run's own (mnist5k for MNIST runs offline)", str),
-    force=Param('redo what is already finished', store_true))
+    force=Param('redo what is already finished', store_true),
+    workers=Param('run the tasks side by side on a local Ray cluster of this many CPUs (1: in turn, here)', int),
+    address=Param('run the tasks on the Ray cluster at this address: auto, HOST:PORT or ray://HOST:10001', str),
+    cpus_per_task=Param('CPUs, and torch threads, of each Ray task', int),
+    gpus_per_task=Param('GPUs of each Ray task; a fraction such as 0.25 packs four tasks on one GPU', float))
 
 COMMANDS = {}
 

@@ -1,11 +1,11 @@
-"The package's floors: data → model → hessian → optimizers → runs → experiments | landscape | original | dynamics → cli"
+"The package's floors: data → model → hessian → optimizers → runs → experiments | landscape | original | dynamics → scale → cli"
 import ast
 from pathlib import Path
 import pytest
 
 PKG = Path(__file__).parents[1]/'secondorder_cnn'
 FLOORS = {'data': 0, 'model': 1, 'hessian': 2, 'optimizers': 3, 'runs': 4,
-          'experiments': 5, 'landscape': 5, 'original': 5, 'dynamics': 5, 'cli': 6}
+          'experiments': 5, 'landscape': 5, 'original': 5, 'dynamics': 5, 'scale': 6, 'cli': 7}
 
 
 def imports(module:str) -> list[tuple[str, list[str]]]:

@@ -1,0 +1,155 @@
+"On Ray — a local cluster (--workers) or one joined by address — the study's files are the serial path's, bit for bit"
+import json, os, signal, socket, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from secondorder_cnn.cli import main
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+SHORT = ['--optimizers', 'adam,sgd', '--epochs', '1', '--bs', '256', '--device', 'cpu']
+SMALL_CURVATURE = ['--samples', '100', '--max-iter', '8', '--max-hvp', '9', '--slq-iter', '5', '--slq-runs', '1']
+SMALL_LANDSCAPE = ['--samples', '100', '--resolution', '3']
+
+
+def study(out:Path, *options) -> Path:
+    "Two one-epoch digits runs, their curvature and their landscapes in `out`, each step run with `options`"
+    main(['run', *SHORT, '--out', str(out), *options])
+    main(['curvature', '--out', str(out), '--device', 'cpu', *SMALL_CURVATURE, *options])
+    main(['landscape', '--out', str(out), '--device', 'cpu', *SMALL_LANDSCAPE, *options])
+    return out
+
+
+def untimed(x):
+    "The JSON value `x` without its 'seconds', which differ from one computation to the next"
+    if isinstance(x, dict): return {k: untimed(v) for k, v in x.items() if k != 'seconds'}
+    return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def contents(out:Path) -> dict:
+    "Every file under `out`: JSON as its untimed value, any other file as its bytes"
+    return {str(p.relative_to(out)): untimed(json.loads(p.read_text())) if p.suffix == '.json' else p.read_bytes()
+            for p in sorted(out.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def serial(tmp_path_factory) -> dict:
+    "The files of the study made in this process, one thread"
+    torch.set_num_threads(1)
+    return contents(study(tmp_path_factory.mktemp('serial')/'results'))
+
+
+@pytest.fixture
+def ray():
+    "The `ray` module, no cluster joined before or after the test"
+    ray = pytest.importorskip('ray')
+    assert not ray.is_initialized()
+    yield ray
+    assert not ray.is_initialized()  # whoever started a cluster stopped it
+
+
+def test_workers_give_the_serial_files(serial, ray, tmp_path, capsys):
+    out = study(tmp_path/'results', '--workers', '2')
+    assert contents(out) == serial
+    assert set(serial) >= {'digits/adam/seed0/model.pt', 'digits/sgd/seed0/curvature.json', 'landscape.html'}
+    log = capsys.readouterr().out
+    assert log.count('ray: started a local Ray cluster of 2 CPUs') == 3, log
+    assert not list(out.rglob('.*.lock')) and not list(out.rglob('.*.tmp'))
+
+
+def test_a_two_node_cluster_gives_the_serial_files(serial, ray, tmp_path, capsys):
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1))
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        address = cluster.address
+        out = study(tmp_path/'results', '--address', address)
+    finally: cluster.shutdown()
+    assert contents(out) == serial
+    log = capsys.readouterr().out
+    assert log.count(f'ray: joined the Ray cluster at {address}') == 3, log
+    assert log.count('ray: 2 tasks on 2 node(s)') == 3, log  # a run, its curvature, its landscape on each node
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['--workers', '0'], 'workers 0 must be an integer >= 1'),
+    (['--workers', 'two'], "argument --workers: invalid int value: 'two'"),
+    (['--workers', '2', '--cpus-per-task', '4'], 'cpus_per_task 4 is more than the 2 CPUs of the local cluster'),
+    (['--workers', '2', '--cpus-per-task', '0.5'], "argument --cpus-per-task: invalid int value: '0.5'"),
+    (['--workers', '2', '--gpus-per-task', '-1'], 'gpus_per_task -1.0 must be'),
+    (['--address', 'nowhere'], "address 'nowhere' must be auto, HOST:PORT or ray://HOST:PORT"),
+    (['--address', f'127.0.0.1:{free_port()}'], 'no Ray cluster answers at'),
+    (['--address', f'ray://127.0.0.1:{free_port()}'], 'start one with `ray start --head`')])
+@pytest.mark.parametrize('cmd', ['run', 'curvature', 'landscape'])
+def test_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, cmd, args, msg):
+    out = tmp_path/'results'
+    with pytest.raises(SystemExit) as e: main([cmd, '--out', str(out), *(SHORT if cmd == 'run' else []), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and msg in err, err
+    assert not out.exists()
+
+
+def test_auto_without_a_cluster(ray, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv('RAY_ADDRESS', raising=False)
+    with pytest.raises(SystemExit) as e: main(['run', *SHORT, '--out', str(tmp_path/'r'), '--address', 'auto'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("secondorder-cnn: error: cannot join the Ray cluster at 'auto': ")
+    assert err.count('\n') == 1 and not (tmp_path/'r').exists()
+
+
+def test_the_serial_path_does_not_import_ray():
+    code = "import sys, secondorder_cnn.cli; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, '-c', code], check=True)
+
+
+@pytest.mark.parametrize('cmd', ['run', 'curvature', 'landscape'])
+def test_without_ray_installed(tmp_path, capsys, monkeypatch, cmd):
+    monkeypatch.setitem(sys.modules, 'ray', None)  # `import ray` fails, as where it is not installed
+    with pytest.raises(SystemExit) as e: main([cmd, '--out', str(tmp_path/'r'), '--workers', '2'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "secondorder-cnn: error: --workers and --address need Ray: " \
+                                       "pip install 'secondorder-cnn[ray]'\n", err
+    assert not (tmp_path/'r').exists()
+
+
+HOLD = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(120)")  # another driver, training the run
+
+def test_a_run_locked_by_another_process_is_skipped(tmp_path, capsys):
+    out, folder = tmp_path/'results', tmp_path/'results/digits/adam/seed0'
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, '-c', HOLD, str(folder/'.run.lock')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        main(['run', *SHORT, '--out', str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert 'digits/adam/seed0: in progress in another process, skipped' in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ['.run.lock']  # the other process's lock, no file of ours
+    assert (out/'digits/sgd/seed0/metrics.json').exists()
+    main(['run', *SHORT, '--out', str(out)])  # its holder died, and the kernel released its lock
+    assert 'digits/adam/seed0: test acc' in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'metrics.json', 'model.pt']
+
+
+def die_once(item:int, marker:str) -> int:
+    "Ten times `item`; the first time it is 1, the process running it is killed instead"
+    if item == 1 and not os.path.exists(marker):
+        open(marker, 'w').close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item * 10
+
+
+def test_a_killed_worker_is_retried_and_nothing_is_lost(ray, tmp_path):
+    from secondorder_cnn.scale import ray_backend
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    lines = []
+    done = dict(ray_backend(2, log=lines.append)(die_once, range(4), marker=str(tmp_path/'killed')))
+    assert done == {0: 0, 1: 10, 2: 20, 3: 30} and (tmp_path/'killed').exists()
+    assert lines[-1].startswith('ray: 4 tasks on 1 node(s)'), lines
