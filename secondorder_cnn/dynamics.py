@@ -8,15 +8,16 @@ import math, statistics, time, warnings
 from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
-from .data import check_choice, check_dataset, check_float, check_int, resolve_device
+from .data import (TensorLoader, check_choice, check_dataset, check_float, check_int, load_tensors,
+                                  resolve_device)
 from .hessian import HessianOperator
-from .model import LeNet5, to_device
-from .optimizers import make_optimizer, train_step
+from .model import LeNet5, evaluate, to_device
+from .optimizers import OPTIMIZERS, make_optimizer, train_step
 from .runs import (Tracker, check_out, command, for_each_run, hessian_subset, load_json, parse_lr,
                                   parse_names, parse_seed, signature_defaults, write_json)
 
 # %% auto #0
-__all__ = ['METHODS', 'LRS', 'eos_summary', 'edge_of_stability', 'layer_curvature', 'layers_cmd', 'edge_cmd']
+__all__ = ['METHODS', 'LRS', 'eos_summary', 'edge_of_stability', 'to_low_loss', 'layer_curvature', 'layers_cmd', 'edge_cmd']
 
 # %% ../nbs/08_dynamics.ipynb #08f914be
 def eos_summary(records:list[dict]) -> dict:
@@ -92,6 +93,56 @@ def edge_of_stability(out='results/edge', # results folder
             log(f"{m} lr {lr:g}: {r['status']}, {r['steps']} steps, {s['sharpness']} reaches its threshold {first}"
                 + ('' if s['median_ratio'] is None else f", median ratio after {s['median_ratio']:.2f}"))
             done.append(r)
+    return done
+
+# %% ../nbs/08_dynamics.ipynb #2b04b857
+def to_low_loss(out='results/low_loss', # results folder: `<out>/<dataset>/<optimizer>/low_loss.json`
+                dataset:str='fashion_mnist', optimizers='adam,sgd,adahessian,apollo,sophiah',
+                n:int=2000, # training samples: the stratified subset of `hessian_subset`
+                bs:int=100, target_loss:float=0.01, max_epochs:int=300, seed:int=0,
+                max_hvp:int=90, # Hessian-vector products for the trace
+                device=None, force:bool=False, log=print) -> list[dict]:
+    "Each optimizer trained on `n` samples to a loss below `target_loss`: its epochs, curvature and test accuracy"
+    opts = [check_choice(o, tuple(OPTIMIZERS), 'optimizer') for o in parse_names(optimizers)]
+    for v, k in ((n, 'samples'), (bs, 'bs'), (max_epochs, 'max_epochs'), (max_hvp, 'max_hvp')): check_int(v, k)
+    check_float(target_loss, 'target_loss', 0, lo_open=True)
+    seed, out, log, dev = parse_seed(seed), check_out(out), log or (lambda s: None), resolve_device(device)
+    x, y = hessian_subset(check_dataset(dataset), n, dev)
+    test = TensorLoader(*[t.to(dev) for t in load_tensors(dataset, False)], bs=1000)
+    done = []
+    for o in opts:
+        f = out/dataset/o/'low_loss.json'
+        config = dict(dataset=dataset, optimizer=o, samples=len(y), bs=bs, target_loss=target_loss,
+                      max_epochs=max_epochs, seed=seed, max_hvp=max_hvp)
+        if not force and f.exists() and load_json(f, 'config')['config'] == config:
+            done.append(load_json(f, 'config'))
+            continue
+        torch.manual_seed(seed)
+        model = to_device(LeNet5.for_dataset(dataset), dev)
+        opt, dl = make_optimizer(o, model.parameters(), seed=seed), TensorLoader(x, y, bs, True, seed)
+        status = 'not reached'
+        for epoch in range(1, max_epochs + 1):
+            if any(train_step(model, opt, xb, yb)['diverged'] for xb, yb in dl):
+                status = 'diverged'
+                break
+            loss, acc = evaluate(model, TensorLoader(x, y, 1000))
+            if loss < target_loss:
+                status = 'ok'
+                break
+        r = dict(config=config, status=status, epochs=epoch, train_loss=loss, train_acc=acc)
+        if status == 'ok':
+            H = HessianOperator(model, F.cross_entropy, data=(x, y))
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                top = H.eigenvalues(1, max_iter=100, seed=seed)
+            tr = H.trace(max_hvp=max_hvp, seed=seed)
+            r |= dict(lambda1=top[0][0], trace=tr[0], trace_stderr=tr[1] if math.isfinite(tr[1]) else None,
+                      test_acc=evaluate(model, test)[1])
+        write_json(r, f)
+        found = '' if 'lambda1' not in r else (f", λ1 {r['lambda1']:.3g}, trace {r['trace']:.3g}, "
+                                               f"test acc {100 * r['test_acc']:.2f}%")
+        log(f"{o}: {status} after {epoch} epochs (loss {loss:.4f}){found}")
+        done.append(r)
     return done
 
 # %% ../nbs/08_dynamics.ipynb #4b3a8dcb
