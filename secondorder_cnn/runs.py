@@ -43,11 +43,14 @@ def train(model:nn.Module, # on the device of the loaders
           seed:int=0, # seeds the probes of the optimizers that draw them
           criterion=F.cross_entropy, # loss of `model(xb)` against `yb`
           bar=None, # a fastprogress `master_bar` to show the batches under
-          callback=None) -> dict: # `callback(model, opt, step, out)`: before the first step (0, None), after each
+          callback=None, # `callback(model, opt, step, out)`: before the first step (0, None), after each
+          overrides:dict|None=None, # other settings that replace the registry's
+          report=None) -> dict: # `report(metrics)` with the metrics of each epoch as it ends
     "`status` ('ok' or 'diverged'), `diverged_epoch` and the metrics of each finished epoch of training `model`"
     check_int(epochs, 'epochs')
     train_dl, test_dl = dls
-    opt = make_optimizer(opt_name, model.parameters(), seed=seed, **({} if lr is None else dict(lr=lr)))
+    opt = make_optimizer(opt_name, model.parameters(), seed=seed, **(overrides or {}),
+                         **({} if lr is None else dict(lr=lr)))
     history, n_steps = [], 0
     if callback is not None: callback(model, opt, 0, None)
     for epoch in range(1, epochs + 1):
@@ -68,6 +71,7 @@ def train(model:nn.Module, # on the device of the loaders
         history.append(dict(epoch=epoch, train_loss=total('loss') / len(steps), train_acc=total('acc') / len(steps),
                             test_loss=test_loss, test_acc=test_acc, seconds=seconds,
                             n_loss_evals=total('n_loss_evals'), n_hvp=total('n_hvp')))
+        if report is not None: report(history[-1])
     return dict(status='ok', diverged_epoch=None, epochs=history)
 
 # %% ../nbs/04_runs.ipynb #b7fbd14f
@@ -107,9 +111,17 @@ class Run:
     bs: int
     lr: float|None = None
     track: str|None = None # measure the curvature along training: `parse_track`'s 'every=K[,samples=N][,trace]'
+    overrides: tuple = () # other settings that replace the registry's: (name, value) pairs, or a dict
+    tuned: bool = False # whether `lr` and `overrides` were chosen by `tune`
 
     def __post_init__(self):
         if self.track is not None: parse_track(self.track)
+        over = dict(self.overrides)
+        if over:
+            cls = OPTIMIZERS[check_choice(self.optimizer, tuple(OPTIMIZERS), 'optimizer')].cls
+            allowed = [k for k in signature_defaults(cls) if k not in ('lr', 'generator', 'seed')]
+            for k in over: check_choice(k, tuple(allowed), f'setting of {self.optimizer} to override')
+        object.__setattr__(self, 'overrides', tuple(sorted(over.items())))  # hashable: a run is a dict key
 
     @property
     def name(self) -> str: return f'{self.dataset}/{self.optimizer}/seed{self.seed}'
@@ -119,14 +131,17 @@ class Run:
         "Every setting of this run's optimizer — class defaults, registry, lr — as JSON gives them back"
         spec = OPTIMIZERS[self.optimizer]
         defaults = {k: v for k, v in signature_defaults(spec.cls).items() if k not in ('generator', 'seed')}
-        chosen = defaults | spec.kwargs | ({} if self.lr is None else dict(lr=self.lr))
+        chosen = defaults | spec.kwargs | dict(self.overrides) | ({} if self.lr is None else dict(lr=self.lr))
         return json.loads(json.dumps(chosen, default=str))
 
     def config(self) -> dict:
         "What defines this run: a finished run is reused only if this is unchanged"
         c = dict(dataset=self.dataset, optimizer=self.optimizer, seed=self.seed, epochs=self.epochs, bs=self.bs,
                  settings=self.settings())
-        return c if self.track is None else c | dict(track=parse_track(self.track))  # untracked: as it always was
+        if self.track is not None: c['track'] = parse_track(self.track)  # absent, as it always was, if untracked
+        if self.overrides: c['overrides'] = dict(self.overrides)
+        if self.tuned: c['tuned'] = True
+        return c
 
 def signature_defaults(f) -> dict:
     "The parameters of `f` that have a default, with it: the settings a call of `f` takes unless told otherwise"
@@ -219,7 +234,8 @@ def train_run(r:Run, device=None, bar=None) -> dict:
     if r.track is not None:
         t = parse_track(r.track)
         tracker = Tracker(*hessian_subset(r.dataset, t['samples'], dev), t['every'], t['trace'])
-    result = train(model, r.optimizer, dls, r.epochs, r.lr, r.seed, bar=bar, callback=tracker)
+    result = train(model, r.optimizer, dls, r.epochs, r.lr, r.seed, bar=bar, callback=tracker,
+                   overrides=dict(r.overrides))
     if tracker is not None: files['dynamics.json'] = dict(config=config, **tracker.summary())
     files['model.pt'] = state_bytes(model)
     files['metrics.json'] = dict(config=config, **result, n_params=n_params(model), n_train=len(dls[0].y),

@@ -4,15 +4,23 @@
 
 # %% ../nbs/09_scale.ipynb #db253f2a
 from __future__ import annotations
-import importlib.util, math, socket, time
+import importlib.util, math, os, shutil, socket, sys, time
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 import torch
-from .data import check_float, check_int
-from .runs import BACKENDS
+from torch import Tensor
+from .data import (TensorLoader, check_choice, check_float, check_int, load_tensors, resolve_device,
+                                  stratified_subset)
+from .model import LeNet5, to_device
+from .optimizers import OPTIMIZERS
+from .runs import (BACKENDS, FinishedRun, Run, backend, check_out, check_writable, command, load_json,
+                                  parse_seed, train, write_json)
+from .experiments import plan, run_grid, summarize
 
 # %% auto #0
-__all__ = ['check_address', 'ray_backend']
+__all__ = ['SEARCH', 'VALID_FRACTION', 'VALID_SEED', 'check_address', 'ray_backend', 'search_space', 'validation_split',
+           'search_config', 'search', 'tune_study', 'tuned_table', 'tune_cmd']
 
 # %% ../nbs/09_scale.ipynb #b6862c05
 def check_address(address:str, # 'auto', 'HOST:PORT' (the head's GCS port, 6379 by default) or 'ray://HOST:PORT'
@@ -115,3 +123,208 @@ def ray_backend(workers:int|None=None, # a local cluster of this many CPUs; with
     return tasks
 
 BACKENDS['ray'] = ray_backend
+
+# %% ../nbs/09_scale.ipynb #d5600e94
+SEARCH = {  # per optimizer: each setting searched and its range, drawn log-uniformly (as integers if the bounds are)
+    'adam':        dict(lr=(1e-4, 1e-2)),
+    'sgd':         dict(lr=(1e-3, 1e-1)),
+    'lbfgs':       dict(lr=(0.1, 10.)),
+    'adahessian':  dict(lr=(0.015, 1.5)),
+    'apollo':      dict(lr=(0.05, 5.), warmup=(10, 1000)),
+    'apollo-2023': dict(lr=(1e-3, 0.1), warmup=(50, 5000)),
+    'sophiah':     dict(lr=(6e-3, 0.6), gamma=(1e-3, 0.1)),
+}
+
+def search_space(optimizer:str) -> dict:
+    "Ray Tune's search space of `optimizer`: each setting of `SEARCH`, log-uniform in its range"
+    from ray import tune
+    return {k: tune.lograndint(lo, hi + 1) if isinstance(lo, int) else tune.loguniform(lo, hi)
+            for k, (lo, hi) in SEARCH[check_choice(optimizer, tuple(SEARCH), 'optimizer')].items()}
+
+# %% ../nbs/09_scale.ipynb #c43e9b4d
+VALID_FRACTION, VALID_SEED = 0.1, 0
+
+def validation_split(y:Tensor, # the labels of the training set
+                     frac:float=VALID_FRACTION, # the part held out for validation
+                     seed:int=VALID_SEED) -> tuple[Tensor, Tensor]:
+    "Sorted indices of the part to train on and of the validation part, a stratified `frac` of `y` drawn with `seed`"
+    check_float(frac, 'frac', 0, 1, lo_open=True, hi_open=True)
+    valid = stratified_subset(y, max(1, round(frac * len(y))), seed)
+    rest = torch.ones(len(y), dtype=torch.bool)
+    rest[valid] = False
+    return rest.nonzero().squeeze(1), valid
+
+# %% ../nbs/09_scale.ipynb #5d005b7d
+def _trial(config:dict, data:tuple, dataset:str, optimizer:str, epochs:int, bs:int, seed:int, device, threads:int):
+    "One trial: train with the settings `config` on the training part of `data`, report validation after each epoch"
+    from ray import tune
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    (xt, yt), (xv, yv) = data
+    dls = TensorLoader(xt.to(dev), yt.to(dev), bs, shuffle=True, seed=seed), TensorLoader(xv.to(dev), yv.to(dev), bs)
+    torch.manual_seed(seed)
+    model = to_device(LeNet5.for_dataset(dataset), dev)
+    valid = lambda e: dict(valid_acc=e['test_acc'], valid_loss=e['test_loss'], train_loss=e['train_loss'],
+                           diverged=False)
+    others = {k: v for k, v in config.items() if k != 'lr'}
+    report = lambda e: tune.report(valid(e))
+    r = train(model, optimizer, dls, epochs, config['lr'], seed, overrides=others, report=report)
+    if r['status'] == 'diverged': tune.report(dict(valid_acc=0., diverged=True))
+
+def _trial_log(name:str):
+    "A Tune callback that prints a line as each trial of the search `name` ends (Tune pickles it: no `log` to carry)"
+    from ray import tune
+    class TrialLog(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            m = trial.last_result
+            how = 'diverged' if m.get('diverged') else f"validation acc {m.get('valid_acc', math.nan):.2%}"
+            sys.stdout.write(f"{name}: a trial ended after {m.get('training_iteration', 0)} epoch(s), {how} "
+                             f"({_settings_text(trial.config)})\n")
+    return TrialLog()
+
+def _settings_text(settings:dict) -> str: return ', '.join(f'{k} {v:.4g}' for k, v in settings.items())
+
+# %% ../nbs/09_scale.ipynb #67712ad1
+_ASHA = dict(name='asha', grace_period=1, reduction_factor=3)
+
+def search_config(dataset:str, optimizer:str, trials:int, epochs:int, bs:int, seed:int) -> dict:
+    "What defines the search of `optimizer`'s settings on `dataset`: a finished one is reused only if this is unchanged"
+    return dict(dataset=dataset, optimizer=optimizer, trials=trials, epochs=epochs, bs=bs, seed=seed,
+                space={k: list(v) for k, v in SEARCH[optimizer].items()},
+                validation=dict(fraction=VALID_FRACTION, seed=VALID_SEED), scheduler=_ASHA)
+
+def _stale(folder:Path, wanted:dict) -> str|None:
+    "How the search stored in `folder` differs from `wanted`, or None if it does not (or there is none)"
+    f = folder/'search.json'
+    if not f.exists(): return None
+    old = load_json(f, 'trials')
+    diff = [f"{k}: {old.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if old.get(k) != v]
+    return '; '.join(diff) or None
+
+def _best(grid, epochs:int, name:str) -> dict:
+    "The best trial of a finished search, and how many ran, stopped early and diverged"
+    if grid.errors:
+        raise ValueError(f"{name}: {len(grid.errors)} trial(s) failed: {str(grid.errors[0]).splitlines()[0]}")
+    ms = [(r.metrics, r.config) for r in grid]
+    diverged = [m for m, _ in ms if m.get('diverged')]
+    full = [(m, c) for m, c in ms if m.get('training_iteration') == epochs and not m.get('diverged')]
+    if not full: raise ValueError(f"{name}: no trial trained for every epoch without diverging; widen its SEARCH range")
+    m, c = max(full, key=lambda mc: mc[0]['valid_acc'])
+    settings = {k: v.item() if hasattr(v, 'item') else v for k, v in c.items()}  # numpy's integers as JSON's
+    return dict(settings=settings, valid_acc=m['valid_acc'], valid_loss=m['valid_loss'], trials=len(ms),
+                stopped_early=len(ms) - len(full) - len(diverged), diverged=len(diverged))
+
+def search(dataset:str, optimizer:str, out, trials:int=16, epochs:int=10, bs:int=1000,
+           seed:int=0, # of the settings drawn, and of each trial's weights and batches
+           device=None, cpus_per_task:int=1, gpus_per_task:float=0.,
+           most:int|None=None, # trials at once, at most
+           log=print) -> dict:
+    "Search `optimizer`'s settings on the validation split of `dataset` with Ray Tune, or resume it; the best"
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    folder, name, wanted = Path(out).absolute()/'tune'/dataset/optimizer, f'{dataset}/{optimizer}', \
+        search_config(dataset, optimizer, trials, epochs, bs, seed)
+    x, y = load_tensors(dataset, True)  # the training set alone: the test set plays no part in the choice
+    tr, va = validation_split(y)
+    data = (x[tr], y[tr]), (x[va], y[va])
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, data=data, dataset=dataset, optimizer=optimizer, epochs=epochs, bs=bs, seed=seed,
+                             device=device, threads=cpus_per_task), dict(cpu=cpus_per_task, gpu=gpus_per_task))
+    if tune.Tuner.can_restore(folder):
+        log(f"{name}: resuming the search in {folder}")
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        log(f"{name}: searching {trials} settings on {len(va)} validation samples, {epochs} epochs each")
+        write_json(wanted, folder/'search.json')
+        asha = ASHAScheduler(metric='valid_acc', mode='max', max_t=epochs, grace_period=_ASHA['grace_period'],
+                             reduction_factor=_ASHA['reduction_factor'])
+        tuner = tune.Tuner(trainable, param_space=search_space(optimizer),
+            tune_config=tune.TuneConfig(num_samples=trials, scheduler=asha, max_concurrent_trials=most,
+                                        search_alg=BasicVariantGenerator(random_state=seed), reuse_actors=True),
+            run_config=tune.RunConfig(name=optimizer, storage_path=str(folder.parent), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=3),
+                                      callbacks=[_trial_log(name)] if log else None))
+    best = _best(tuner.fit(), epochs, name)
+    log(f"{name}: best of {best['trials']} trials: {_settings_text(best['settings'])}, "
+        f"validation acc {best['valid_acc']:.2%}")
+    return best | dict(n_train=len(tr), n_valid=len(va), search=wanted)
+
+# %% ../nbs/09_scale.ipynb #bd720b55
+def tune_study(out='results', preset:str='fmnist', datasets=None, optimizers=None,
+               trials:int=16, # settings tried per optimizer
+               epochs:int|None=None, bs:int|None=None, # of the trials and the retrained runs; default: the preset's
+               seed:int=0, # of the search
+               seeds='0,1,2', # of the retrained runs
+               device=None, force:bool=False,
+               workers:int|None=None, # CPUs of the local cluster; default: every core of this machine
+               address:str|None=None, cpus_per_task:int=1, gpus_per_task:float=0., log=print) -> list[dict]:
+    "Search each optimizer's settings on a validation split, retrain the best on the training set for `seeds`; rows"
+    runs = plan(preset, datasets, optimizers, epochs, bs, seeds=seeds)  # checks names, epochs, bs and seeds
+    check_int(trials, 'trials')
+    if workers is not None: check_int(workers, 'workers')
+    seed, out, ray, log = parse_seed(seed), check_out(out), _ray(), log or (lambda s: None)
+    n = workers or (None if address else os.cpu_count())
+    tasks = backend(n, address, cpus_per_task, gpus_per_task)  # checks the options, and the address answers
+    searches = {(r.dataset, r.optimizer): search_config(r.dataset, r.optimizer, trials, r.epochs, r.bs, seed)
+                for r in runs}
+    files = {d: out/'tune'/d/'best.json' for d, _ in searches}
+    bests = {d: {} if force or not f.exists() else load_json(f, 'optimizers')['optimizers'] for d, f in files.items()}
+    todo = []
+    for (d, o), wanted in searches.items():
+        if bests[d].get(o, {}).get('search') == wanted: log(f"{d}/{o}: search finished, skipped")
+        elif not force and (diff := _stale(out/'tune'/d/o, wanted)):
+            raise ValueError(f"{out/'tune'/d/o} holds a search with other settings ({diff}); "
+                             "rerun with --force, or choose another --out")
+        else: todo.append((d, o))
+    check_writable(*files.values())
+    started = bool(todo) and not ray.is_initialized()
+    if started: _init(ray, n, address, log)
+    try:
+        if todo: _slots(ray, cpus_per_task, gpus_per_task)
+        for d, o in todo:
+            w = searches[d, o]
+            if force: shutil.rmtree(out/'tune'/d/o, ignore_errors=True)
+            bests[d][o] = search(d, o, out, trials, w['epochs'], w['bs'], seed, device, cpus_per_task, gpus_per_task,
+                                 n if address else None, log)
+            write_json(dict(dataset=d, validation=w['validation'], optimizers=bests[d]), files[d])
+        def tuned(r:Run) -> Run:
+            chosen = dict(bests[r.dataset][r.optimizer]['settings'])
+            return Run(r.dataset, r.optimizer, r.seed, r.epochs, r.bs, chosen.pop('lr'), overrides=chosen, tuned=True)
+        runs = [tuned(r) for r in runs]
+        results = run_grid(runs, out, device, force, log=log, backend=tasks)
+    finally:
+        if started: ray.shutdown()
+    summary = {(s['dataset'], s['optimizer']): s
+               for s in summarize([FinishedRun(r.folder(out), m) for r, m in zip(runs, results) if m is not None])}
+    return [dict(dataset=d, optimizer=o, **{k: bests[d][o][k] for k in ('settings', 'valid_acc', 'trials')},
+                 test_acc=summary.get((d, o), {}).get('final_test_acc', math.nan),
+                 test_acc_std=summary.get((d, o), {}).get('final_test_acc_std', math.nan),
+                 runs=summary.get((d, o), {}).get('runs', 0)) for d, o in searches]
+
+def tuned_table(rows:list[dict]) -> str:
+    "The rows of `tune_study` as a Markdown table"
+    pm = lambda m, s: '–' if math.isnan(m) else f'{m:.2f}' + ('' if math.isnan(s) else f' ± {s:.2f}')
+    lines = ['| dataset | optimizer | lr | other settings | trials | validation acc % | test acc % | runs |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        others = _settings_text({k: v for k, v in r['settings'].items() if k != 'lr'}) or '–'
+        lines.append(f"| {r['dataset']} | {r['optimizer']} | {r['settings']['lr']:.3g} | {others} | {r['trials']} | "
+                     f"{100 * r['valid_acc']:.2f} | {pm(r['test_acc'], r['test_acc_std'])} | {r['runs']} |")
+    return '\n'.join(lines)
+
+@command('tune')
+def tune_cmd(preset:str='fmnist', # one of quick, paper, fmnist
+             datasets=None, optimizers=None,
+             trials:int=16, # settings tried per optimizer
+             epochs:int=None, # of each trial and retrained run; default: the preset's
+             bs:int=None, # batch size; default: the preset's
+             seed:int=0, # of the search: the settings drawn, each trial's weights and batches
+             seeds:str='0,1,2', # of the best setting's runs on the full training set
+             device=None, out='results', force=False,
+             workers:int=None, # CPUs of the local Ray cluster (default: every core of this machine)
+             address:str=None, cpus_per_task:int=1, gpus_per_task:float=0.):
+    "Tune each optimizer on a validation split with Ray Tune, retrain the best on several seeds"
+    rows = tune_study(out, preset, datasets, optimizers, trials, epochs, bs, seed, seeds, device, force, workers,
+                      address, cpus_per_task, gpus_per_task)
+    print('\n' + tuned_table(rows))

@@ -8,7 +8,7 @@ CMD = [sys.executable, '-c', 'from secondorder_cnn.cli import main; main()']
 def test_help_lists_every_subcommand_and_its_options():
     r = subprocess.run([*CMD, '--help'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == ''
-    assert '{run,curvature,report,landscape,import-original,layers,edge}' in r.stdout
+    assert '{run,curvature,report,landscape,import-original,layers,edge,tune}' in r.stdout
     r = subprocess.run([*CMD, 'landscape', '--help'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     for opt in ('--out', '--datasets', '--optimizers', '--seeds', '--device', '--force', '--samples', '--resolution',
