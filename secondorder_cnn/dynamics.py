@@ -10,7 +10,7 @@ import torch, torch.nn.functional as F
 from torch import nn
 from .data import (TensorLoader, check_choice, check_dataset, check_float, check_int, load_tensors,
                                   resolve_device)
-from .hessian import HessianOperator
+from .hessian import HessianOperator, layer_names
 from .model import LeNet5, evaluate, to_device
 from .optimizers import OPTIMIZERS, make_optimizer, train_step
 from .runs import (Tracker, check_out, command, for_each_run, hessian_subset, load_json, parse_lr,
@@ -152,9 +152,8 @@ def layer_curvature(model:nn.Module, x, y,
                     max_hvp:int=60, # Hessian-vector products for each layer's trace
                     seed:int=0) -> dict: # of the random start and probes
     "λ1 and trace ± stderr of the Hessian block of each layer of `model` that owns parameters, on `(x, y)`"
-    layers = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
     out, t0, n_hvp = {}, time.perf_counter(), 0
-    for name in layers:
+    for name in layer_names(model):
         H = HessianOperator(model, F.cross_entropy, data=(x, y), params=name)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # convergence is recorded instead

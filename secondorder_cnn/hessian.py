@@ -15,7 +15,7 @@ from .data import (
 from .model import check_model
 
 # %% auto #0
-__all__ = ['PROBES', 'hvp', 'Result', 'block_params', 'HessianOperator', 'probe', 'hutchinson_diag']
+__all__ = ['PROBES', 'hvp', 'Result', 'layer_names', 'block_params', 'HessianOperator', 'probe', 'hutchinson_diag']
 
 # %% ../nbs/02_hessian.ipynb #a7e3c9d1
 def hvp(grads:list[Tensor], # gradients of the loss, built with `create_graph=True`
@@ -59,6 +59,10 @@ class Result(tuple):
         return r
 
 # %% ../nbs/02_hessian.ipynb #18e78b19
+def layer_names(model:nn.Module) -> list[str]:
+    "The names of `model`'s modules that own parameters themselves: its layers, the blocks `params` can name"
+    return [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+
 def block_params(model:nn.Module,
                  params=None # names of parameters or modules, modules, or a predicate `f(name, param)`; None: all
                 ) -> list[Tensor]:
@@ -79,9 +83,8 @@ def block_params(model:nn.Module,
             chosen |= {id(p) for p in i.parameters()}
         elif isinstance(i, nn.Module): raise ValueError(f"module {describe(i)} is not inside the model")
         else:
-            layers = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
-            raise ValueError(f"unknown parameter or module name {i!r}; allowed: {', '.join(map(repr, layers))} "
-                             "(or their parameters' names)")
+            allowed = ', '.join(map(repr, layer_names(model)))
+            raise ValueError(f"unknown parameter or module name {i!r}; allowed: {allowed} (or their parameters' names)")
     return [p for _, p in named if id(p) in chosen]
 
 # %% ../nbs/02_hessian.ipynb #ea01824e

@@ -1,4 +1,4 @@
-import gzip, hashlib, pickle, struct
+import gzip, hashlib, pickle, socket, struct
 from pathlib import Path
 import numpy as np, pytest, torch
 
@@ -79,3 +79,19 @@ def cifar_checksums(monkeypatch):
         monkeypatch.setattr(CIFAR10, 'test_list', [['test_batch', files['test_batch']]])
         monkeypatch.setattr(CIFAR10, 'meta', {**CIFAR10.meta, 'md5': files['batches.meta']})
     return patch
+
+
+@pytest.fixture
+def ray():
+    "The `ray` module, no cluster joined before or after the test"
+    ray = pytest.importorskip('ray')
+    assert not ray.is_initialized()
+    yield ray
+    assert not ray.is_initialized()  # whoever started a cluster stopped it
+
+
+def free_port() -> int:
+    "A TCP port nothing listens on now"
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

@@ -1,8 +1,9 @@
 "On Ray — a local cluster (--workers) or one joined by address — the study's files are the serial path's, bit for bit"
-import json, os, signal, socket, subprocess, sys
+import json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from secondorder_cnn.cli import main
+from conftest import free_port
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 SHORT = ['--optimizers', 'adam,sgd', '--epochs', '1', '--bs', '256', '--device', 'cpu']
@@ -37,15 +38,6 @@ def serial(tmp_path_factory) -> dict:
     return contents(study(tmp_path_factory.mktemp('serial')/'results'))
 
 
-@pytest.fixture
-def ray():
-    "The `ray` module, no cluster joined before or after the test"
-    ray = pytest.importorskip('ray')
-    assert not ray.is_initialized()
-    yield ray
-    assert not ray.is_initialized()  # whoever started a cluster stopped it
-
-
 def test_workers_give_the_serial_files(serial, ray, tmp_path, capsys):
     out = study(tmp_path/'results', '--workers', '2')
     assert contents(out) == serial
@@ -68,12 +60,6 @@ def test_a_two_node_cluster_gives_the_serial_files(serial, ray, tmp_path, capsys
     log = capsys.readouterr().out
     assert log.count(f'ray: joined the Ray cluster at {address}') == 3, log
     assert log.count('ray: 2 tasks on 2 node(s)') == 3, log  # a run, its curvature, its landscape on each node
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize('args,msg', [

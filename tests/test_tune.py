@@ -1,22 +1,13 @@
 "`tune`: a search per optimizer on a validation split with Ray Tune, resumable, the best retrained as ordinary runs"
-import json, os, signal, socket, subprocess, sys
+import json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest
 from secondorder_cnn import scale
 from secondorder_cnn.cli import main
-from conftest import snapshot
+from conftest import free_port, snapshot
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = ['tune', '--preset', 'quick', '--epochs', '2', '--bs', '128', '--device', 'cpu']
-
-
-@pytest.fixture
-def ray():
-    "The `ray` module, no cluster joined before or after the test"
-    ray = pytest.importorskip('ray')
-    assert not ray.is_initialized()
-    yield ray
-    assert not ray.is_initialized()  # whoever started a cluster stopped it
 
 
 def test_tune_chooses_on_validation_retrains_and_reruns_nothing(ray, tmp_path, capsys, monkeypatch):
@@ -82,12 +73,6 @@ def test_a_killed_tune_resumes_keeping_its_finished_trials(ray, tmp_path, capsys
     done = [f for f, v in kept.items() if json.loads(v.splitlines()[-1]).get('done')]
     assert all(f.read_bytes() == kept[f] for f in done)  # the finished trials' results kept, not redone
     assert (out/'digits/adam/seed0/metrics.json').exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize('args,msg', [
