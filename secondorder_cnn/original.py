@@ -218,13 +218,13 @@ def _check_files(files) -> list[Path]:
     return list(dict.fromkeys(map(Path, fs)))
 
 def _present(folder:Path, source:dict) -> bool:
-    "Whether `folder` holds the run imported already from the file of `source`; a `ValueError` if another run"
+    "Whether `folder` holds the run imported from the file of `source`, perhaps without weights; else a `ValueError`"
     if not (folder/'metrics.json').exists(): return False
     old = load_metrics(folder/'metrics.json')['config'].get('source')
     if not isinstance(old, dict) or old.get('sha256') != source['sha256']:
         what = 'a run imported from another file' if isinstance(old, dict) else 'a run not imported'
         raise ValueError(f"{folder} holds {what}: rerun with --force to replace it, or choose another --out")
-    return (folder/'model.pt').exists()
+    return True
 
 def import_original(files, # the original study's results files: MNIST_results.dic, ...
                     out='results/original', # results folder: a run folder for each dataset and optimizer
@@ -244,9 +244,15 @@ def import_original(files, # the original study's results files: MNIST_results.d
                 raise ValueError(f"{run.name} is in {first} and in {f}: import one of them")
             found[run.name] = run, run.config() | dict(source=source, timing='not recorded'), r
     fresh = [n for n, (run, config, _) in found.items() if force or not _present(run.folder(out), config['source'])]
-    check_writable(*[found[n][0].folder(out)/k for n in fresh for k in ('config.json', 'model.pt', 'metrics.json')])
+    bare = [n for n, (run, _, _) in found.items() if n not in fresh and not (run.folder(out)/'model.pt').exists()]
+    check_writable(*[found[n][0].folder(out)/k for n in fresh for k in ('config.json', 'model.pt', 'metrics.json')],
+                   *[found[n][0].folder(out)/'model.pt' for n in bare])
     for name, (run, config, r) in found.items():
         folder, file = run.folder(out), config['source']['file']
+        if name in bare:  # the same file imported before, its weights not kept (a clone): they alone come back
+            save_model(r['model'], folder/'model.pt')
+            log(f"{name}: weights restored from {file}, the rest kept")
+            continue
         if name not in fresh:
             log(f"{name}: imported already from {file}, skipped")
             continue
