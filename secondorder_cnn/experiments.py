@@ -19,9 +19,9 @@ from .runs import (FinishedRun, Run, backend, check_out, command, finished, fini
                                   write_run)
 
 # %% auto #0
-__all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'run_grid', 'curvature_of', 'curvature_settings', 'curvature',
-           'weight_norms', 'summarize', 'markdown_table', 'paper_rows', 'paper_table', 'plot_curves', 'report',
-           'run_cmd', 'curvature_cmd', 'report_cmd']
+__all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'work', 'run_grid', 'curvature_of', 'curvature_settings',
+           'curvature', 'weight_norms', 'summarize', 'markdown_table', 'paper_rows', 'paper_table', 'plot_curves',
+           'report', 'run_cmd', 'curvature_cmd', 'report_cmd']
 
 # %% ../nbs/05_experiments.ipynb #4c588007
 PRESETS = {
@@ -63,19 +63,25 @@ def _line(r:Run, metrics:dict) -> str:
     last, per_epoch = epochs[-1], sum(e['seconds'] for e in epochs) / len(epochs)
     return f"{r.name}: test acc {last['test_acc']:.2%}, train loss {last['train_loss']:.4f}, {per_epoch:.2f} s/epoch"
 
+def work(r:Run, samples:int) -> float:
+    "How long run `r` on a dataset of `samples` takes, in Adam's steps on one sample: what orders the tasks"
+    return OPTIMIZERS[r.optimizer].cost * r.epochs * samples
+
 def run_grid(runs:list[Run], out='results', device=None, force:bool=False, progress:bool=False,
              log=print, backend=serial) -> list[dict|None]:
     "Train the `runs` not finished in `out` (all if `force`), a line for each; their metrics (None: another's to train)"
     out, log = check_out(out), log or (lambda s: None)
     resolve_device(device)  # checked here, used by each task
     done = [False if force else finished(r, out) for r in runs]  # reads every metrics.json before writing anything
-    for d in dict.fromkeys(r.dataset for r, is_done in zip(runs, done) if not is_done):
-        for train in (True, False): load_tensors(d, train)  # missing data fails here, before any file or lock
-    mb = master_bar(list(zip(runs, done))) if progress else None
+    size = {d: len(load_tensors(d, False)[1]) + len(load_tensors(d, True)[1])  # missing data fails here, first
+            for d in dict.fromkeys(r.dataset for r, is_done in zip(runs, done) if not is_done)}
+    order = list(zip(runs, done))
+    if backend is not serial: order.sort(key=lambda rd: -work(rd[0], size.get(rd[0].dataset, 0)))
+    mb = master_bar(order) if progress else None
     results, locks = {}, {}
     def claim():
         "The runs to train, each locked, as the tasks' items; a line for each other"
-        for r, is_done in (mb if mb is not None else zip(runs, done)):
+        for r, is_done in (mb if mb is not None else order):
             if mb is not None: mb.main_bar.comment = r.name
             if is_done: log(f"{r.name}: finished, skipped")
             elif (lock := lock_run(r.folder(out))) is None:

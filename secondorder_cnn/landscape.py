@@ -5,19 +5,21 @@
 # %% ../nbs/06_landscape.ipynb #3d8a6a95
 from __future__ import annotations
 import copy, hashlib, html, json, math, time, warnings
+from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn, Tensor
 from .data import check_choice, check_int, write_atomic
 from .hessian import HessianOperator
-from .runs import (backend, check_writable, command, for_each_run, parse_seed, select_runs, serial,
-                                  signature_defaults)
+from .runs import (InParts, backend, check_writable, command, for_each_run, parse_seed, select_runs,
+                                  serial, signature_defaults)
 
 # %% auto #0
-__all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'check_direction', 'random_direction', 'orthogonalize', 'hessian_directions',
-           'check_range', 'inference_copy', 'landscape_1d', 'landscape_2d', 'plotly_html', 'Plot', 'plotlyjs',
-           'plot_surface', 'plot_surfaces', 'plot_contours', 'plot_lines', 'plot_lines_mpl', 'landscape_of', 'run_page',
-           'index_page', 'landscape', 'parse_range', 'landscape_cmd', 'path_between']
+__all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'LANDSCAPE_BLOCK', 'check_direction', 'random_direction', 'orthogonalize',
+           'hessian_directions', 'check_range', 'inference_copy', 'landscape_1d', 'landscape_2d', 'plotly_html', 'Plot',
+           'plotlyjs', 'plot_surface', 'plot_surfaces', 'plot_contours', 'plot_lines', 'plot_lines_mpl',
+           'landscape_parts', 'landscape_of', 'run_page', 'index_page', 'landscape', 'parse_range', 'landscape_cmd',
+           'path_between']
 
 # %% ../nbs/06_landscape.ipynb #9f5c2ca6
 def _params(model:nn.Module) -> list[Tensor]: return [p for p in model.parameters() if p.requires_grad]
@@ -317,21 +319,50 @@ def plot_lines_mpl(curves:dict, title:str='', xlabel:str='α', log:bool=False, a
     return ax
 
 # %% ../nbs/06_landscape.ipynb #375e79a6
+def _directions(model:nn.Module, x, y, resolution:int, lo:float, hi:float, seed:int, bs:int, block:int):
+    "The first part of a landscape: the directions, and the grid's coefficients on them in blocks of `block` points"
+    al, t0 = check_range(lo, hi, resolution), time.perf_counter()
+    eigs, (v1, v2) = hessian_directions(model, F.cross_entropy, (x, y), k=2, seed=seed)
+    dirs = [v1, v2, random_direction(model, seed)]
+    n, z = len(al), torch.zeros_like(al)
+    coefs = torch.cat([F.pad(torch.cartesian_prod(al, al), (0, 1)),  # the surface: α·v1 + β·v2
+                       torch.stack([al, z, z], 1), torch.stack([z, z, al], 1), al.new_zeros(1, 3)])  # v1, random, θ*
+    state = dict(alphas=al, eigenvalues=eigs, dirs=[[t.cpu() for t in d] for d in dirs], seed=seed, bs=bs,
+                 seconds=time.perf_counter() - t0)
+    return state, list(coefs.split(block))
+
+def _grid_block(model:nn.Module, x, y, state:dict, coefs:Tensor):
+    "One block of a landscape: loss and accuracy at each row of `coefs`, and the seconds it took"
+    t0, dirs = time.perf_counter(), [[t.to(x.device) for t in d] for d in state['dirs']]
+    loss, acc = _evaluate(model, F.cross_entropy, (x, y), dirs, coefs, state['bs'])
+    return loss, acc, time.perf_counter() - t0
+
+def _join(state:dict, blocks:list) -> dict:
+    "The landscape from its blocks"
+    loss, acc = (np.concatenate([b[i] for b in blocks]) for i in (0, 1))
+    n, al = len(state['alphas']), state['alphas']
+    cut = lambda a: (a[:n * n].reshape(n, n), a[n * n:n * n + n], a[n * n + n:n * n + 2 * n], a[-1:])
+    (surface, v1_loss, rand_loss, at), (surface_acc, v1_acc, rand_acc, _) = cut(loss), cut(acc)
+    return dict(alphas=al.tolist(), eigenvalues=state['eigenvalues'], loss=_finite(surface),
+                acc=surface_acc.tolist(), v1_loss=_finite(v1_loss), v1_acc=v1_acc.tolist(),
+                random_loss=_finite(rand_loss), random_acc=rand_acc.tolist(), loss_at_weights=_finite(at)[0],
+                n_nonfinite=int((~np.isfinite(loss[:-1])).sum()), seed=state['seed'],
+                seconds=state['seconds'] + sum(b[2] for b in blocks))
+
+LANDSCAPE_BLOCK = 32 # grid points per task: a second or two of work each at 2,000 samples
+
+def landscape_parts(resolution:int=25, lo:float=-0.5, hi:float=0.5, seed:int=0, bs:int=250,
+                    block:int=LANDSCAPE_BLOCK) -> InParts:
+    "`landscape_of` with these settings as a measurement in parts: the directions, then blocks of grid points"
+    check_range(lo, hi, resolution)
+    first = partial(_directions, resolution=resolution, lo=lo, hi=hi, seed=parse_seed(seed), bs=check_int(bs, 'bs'),
+                    block=check_int(block, 'block'))
+    return InParts(first, _grid_block, _join)
+
 def landscape_of(model:nn.Module, x, y, resolution:int=25, lo:float=-0.5, hi:float=0.5, seed:int=0,
                  bs:int=250) -> dict:
     "Surface along the top two Hessian eigenvectors and 1D curves along v1 and a filter-normalised random direction"
-    al, t0 = check_range(lo, hi, resolution), time.perf_counter()
-    eigs, (v1, v2) = hessian_directions(model, F.cross_entropy, (x, y), k=2, seed=seed)
-    loss, acc = landscape_2d(model, F.cross_entropy, (x, y), v1, v2, al, al, bs)
-    rand_loss, rand_acc = landscape_1d(model, F.cross_entropy, (x, y), random_direction(model, seed), al, bs)
-    v1_loss, v1_acc = landscape_1d(model, F.cross_entropy, (x, y), v1, al, bs)
-    at_weights = _evaluate(model, F.cross_entropy, (x, y), [v1], torch.zeros(1, 1, dtype=torch.float64), bs)
-    losses = (loss, v1_loss, rand_loss)
-    return dict(alphas=al.tolist(), eigenvalues=eigs, loss=_finite(loss), acc=acc.tolist(),
-                v1_loss=_finite(v1_loss), v1_acc=v1_acc.tolist(), random_loss=_finite(rand_loss),
-                random_acc=rand_acc.tolist(), loss_at_weights=_finite(at_weights[0][:1])[0],
-                n_nonfinite=int(sum((~np.isfinite(l)).sum() for l in losses)), seed=seed,
-                seconds=time.perf_counter() - t0)
+    return landscape_parts(resolution, lo, hi, seed, bs)(model, x, y)
 
 def _finite(a:np.ndarray) -> list:
     "`a` as (nested) lists, its non-finite values as None: JSON's null, and a gap in a plot"
@@ -388,8 +419,9 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
     check_range(lo, hi, resolution)
     settings = signature_defaults(landscape_of) | dict(resolution=resolution, lo=float(lo), hi=float(hi),
                                                        seed=parse_seed(seed))
-    measure = lambda model, x, y: dict(landscape_of(model, x, y, **settings), resolution=resolution,
-                                       range=[float(lo), float(hi)])
+    parts = landscape_parts(**settings)
+    measure = InParts(parts.first, parts.part, lambda state, blocks: dict(_join(state, blocks), resolution=resolution,
+                                                                          range=[float(lo), float(hi)]))
     pages = [run.folder/'landscape.html' for run in select_runs(out, datasets, optimizers, seeds) if run.ok]
     check_writable(*pages, Path(out)/'landscape.html', Path(out)/'plotly.min.js')
     done = for_each_run(out, 'landscape', measure, datasets, optimizers, seeds, n, settings, _landscape_line,

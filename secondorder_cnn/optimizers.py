@@ -263,6 +263,7 @@ class OptSpec:
     kwargs: dict # its settings (the others are the class defaults)
     doc: str # where the settings come from
     seeded: bool = False # takes a `seed` for its probes
+    cost: float = 1. # seconds per step against Adam's (`benchmarks/train.py`): longest runs first on a cluster
 
 OPTIMIZERS = {
     'adam': OptSpec(
@@ -273,10 +274,11 @@ OPTIMIZERS = {
         "SGD with momentum 0.9, lr 0.01: the first-order baseline the study lacked"),
     'lbfgs': OptSpec(
         LBFGS, dict(lr=1., history_size=5, max_iter=4, line_search_fn='strong_wolfe'),
-        "the original study's L-BFGS: 5 pairs of history, 4 iterations per batch, strong Wolfe line search"),
+        "the original study's L-BFGS: 5 pairs of history, 4 iterations per batch, strong Wolfe line search", cost=5.2),
     'adahessian': OptSpec(
         AdaHessian, dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0., hessian_power=1.),
-        "the authors' defaults (image_classification/optim_adahessian.py), as the original study ran it", seeded=True),
+        "the authors' defaults (image_classification/optim_adahessian.py), as the original study ran it", seeded=True,
+        cost=3.4),
     'apollo': OptSpec(
         Apollo, dict(lr=0.5, beta=0.9, eps=1e-4, rebound='constant', sigma=1., warmup=100, init_lr=0.01,
                      weight_decay=0.),
@@ -288,7 +290,7 @@ OPTIMIZERS = {
     'sophiah': OptSpec(
         SophiaH, dict(lr=6e-2, betas=(0.96, 0.99), gamma=1e-2, eps=1e-12, update_each=10, dist='gaussian'),
         "the paper's SophiaH (Gaussian probes every 10 steps, betas (0.96, 0.99)), "
-        "pytorch_optimizer's lr 0.06 and gamma 0.01", seeded=True),
+        "pytorch_optimizer's lr 0.06 and gamma 0.01", seeded=True, cost=1.2),
 }
 
 _SETTINGS = {  # how `make_optimizer` checks a setting, whichever optimizer takes it

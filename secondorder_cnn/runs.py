@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl, hashlib, inspect, io, json, math, os, time
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 import torch, torch.nn.functional as F
 from fastcore.script import Param, store_true
@@ -25,7 +26,7 @@ __all__ = ['BACKENDS', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed
            'signature_defaults', 'write_json', 'state_bytes', 'save_model', 'load_json', 'load_metrics', 'check_out',
            'check_writable', 'clear_run_folder', 'train_run', 'write_run', 'run_one', 'finished', 'FinishedRun',
            'finished_runs', 'select_runs', 'hessian_subset', 'Tracker', 'parse_track', 'serial', 'backend', 'lock_run',
-           'unlock', 'for_each_run', 'command']
+           'unlock', 'InParts', 'for_each_run', 'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -482,9 +483,45 @@ def _measure(item:tuple, subsets:dict, measure, device) -> dict:
     x, y = subsets[dataset]
     return measure(to_device(model, dev), x.to(dev), y.to(dev))
 
+@dataclass(frozen=True)
+class InParts:
+    "A measurement made of independent parts, so that a backend can spread the work on one model over many workers"
+    first: callable # `first(model, x, y)` → `(state, pieces)`: what every part needs, and each part's own input
+    part: callable # `part(model, x, y, state, piece)` → the result of one part
+    join: callable # `join(state, results)` → the measurement, from the parts' results in the order of `pieces`
+
+    def __call__(self, model, x, y) -> dict:
+        "The measurement, its parts one after another in this process"
+        state, pieces = self.first(model, x, y)
+        return self.join(state, [self.part(model, x, y, state, p) for p in pieces])
+
+def _part(item:tuple, subsets:dict, part, device):
+    "The task of one part: `part` of the model of `item` on the subset of its dataset, both on `device`"
+    _, (_, model, dataset), state, piece = item
+    dev = resolve_device(device)
+    x, y = subsets[dataset]
+    return part(to_device(model, dev), x.to(dev), y.to(dev), state, piece)
+
+def _in_parts(backend, m:InParts, items, **shared):
+    "`(item, m(model, x, y))` for each of `items` as `backend` completes it: all the `first`s as tasks, then all parts"
+    items = list(items)
+    firsts = backend(_measure, items, measure=m.first, **shared)
+    try:
+        made = [(item, *sp) for item, sp in islice(firsts, len(items))]  # `firsts` open: a cluster it started stays up
+        todo = [((i, k), item, state, p) for i, (item, state, pieces) in enumerate(made) for k, p in enumerate(pieces)]
+        got = [{} for _ in made]
+        for i, (item, state, pieces) in enumerate(made):
+            if not pieces: yield item, m.join(state, [])
+        for ((i, k), *_), r in backend(_part, todo, part=m.part, **shared):
+            got[i][k] = r
+            item, state, pieces = made[i]
+            if len(got[i]) == len(pieces): yield item, m.join(state, [got[i][j] for j in range(len(pieces))])
+        for _ in firsts: pass
+    finally: firsts.close()
+
 def for_each_run(out, # the results folder
                  what:str, # the measurement's name: stored in `<run folder>/<what>.json`
-                 measure, # `measure(model, x, y)` → the measurement (a dict) of one trained model
+                 measure, # `measure(model, x, y)` → the measurement (a dict) of one trained model; or `InParts`
                  datasets=None, optimizers=None, seeds=None, # which runs, as `select_runs` takes them
                  n:int=2000, # training samples it is made on: `hessian_subset`
                  settings:dict|None=None, # every setting of `measure`: a stored result with others is redone
@@ -528,9 +565,13 @@ def for_each_run(out, # the results folder
                     log(f"{run.name}: the stored {what} is stale ({why[run.folder]}): measuring it again")
                 locks[run.folder] = lock
                 yield run, models[run.folder], todo[run.folder]
-    results = (backend if todo else serial)(_measure, claim(), subsets=subsets, measure=measure, device=device)
+    shared = dict(subsets=subsets, device=device)
+    if not todo: results = serial(_measure, claim(), measure=measure, **shared)  # nothing to measure: no cluster
+    elif isinstance(measure, InParts) and backend is not serial:
+        results = _in_parts(backend, measure, claim(), **shared)
+    else: results = backend(_measure, claim(), measure=measure, **shared)
     try:
-        for (run, _, dataset), result in results:  # nothing to measure: `serial`, no cluster to start
+        for (run, _, dataset), result in results:
             result = dict(result, n_samples=len(subsets[dataset][1]), subset_seed=0, computed_from=wanted[run.folder])
             write_json(result, run.result_file(what))
             unlock(locks.pop(run.folder))

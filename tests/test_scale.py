@@ -1,5 +1,5 @@
 "On Ray — a local cluster (--workers) or one joined by address — the study's files are the serial path's, bit for bit"
-import json, os, signal, subprocess, sys
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from secondorder_cnn.cli import main
@@ -59,7 +59,8 @@ def test_a_two_node_cluster_gives_the_serial_files(serial, ray, tmp_path, capsys
     assert contents(out) == serial
     log = capsys.readouterr().out
     assert log.count(f'ray: joined the Ray cluster at {address}') == 3, log
-    assert log.count('ray: 2 tasks on 2 node(s)') == 3, log  # a run, its curvature, its landscape on each node
+    # a run, its curvature, its landscape's directions and its block of grid points on each node
+    assert log.count('ray: 2 tasks on 2 node(s)') == 4, log
 
 
 @pytest.mark.parametrize('args,msg', [
@@ -139,3 +140,26 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(ray, tmp_path):
     done = dict(ray_backend(2, log=lines.append)(die_once, range(4), marker=str(tmp_path/'killed')))
     assert done == {0: 0, 1: 10, 2: 20, 3: 30} and (tmp_path/'killed').exists()
     assert lines[-1].startswith('ray: 4 tasks on 1 node(s)'), lines
+
+
+def test_a_killed_driver_resumes_without_redoing_finished_runs(serial, ray, tmp_path, capsys):
+    out, grid = tmp_path/'results', ['run', *SHORT, '--seeds', '0,1,2', '--workers', '2']
+    code = f"from secondorder_cnn.cli import main; main({[*grid, '--out', str(out)]!r})"
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob('*/*/seed*/metrics.json')) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        p.wait()
+    done = {f: f.stat().st_mtime_ns for f in out.glob('*/*/seed*/metrics.json')}
+    assert 1 <= len(done) < 6, done  # killed mid-grid
+    main([*grid, '--out', str(out)])
+    assert capsys.readouterr().out.count('finished, skipped') == len(done)
+    assert {f: f.stat().st_mtime_ns for f in done} == done  # not trained again
+    runs = lambda files: {k: v for k, v in files.items() if k.endswith(('/config.json', '/metrics.json', '/model.pt'))}
+    got = runs(contents(out))
+    assert len(got) == 18 and not list(out.rglob('.*'))  # no lock or temporary file left
+    assert {k: v for k, v in got.items() if '/seed0/' in k} == runs(serial)  # the serial path's seed-0 runs
