@@ -4,10 +4,9 @@
 
 # %% ../nbs/04_runs.ipynb #07e1ae97
 from __future__ import annotations
-import fcntl, hashlib, inspect, io, json, math, os, time
+import contextlib, fcntl, hashlib, inspect, io, json, math, os, time
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
 from pathlib import Path
 import torch, torch.nn.functional as F
 from fastcore.script import Param, store_true
@@ -504,10 +503,8 @@ def _part(item:tuple, subsets:dict, part, device):
 
 def _in_parts(backend, m:InParts, items, **shared):
     "`(item, m(model, x, y))` for each of `items` as `backend` completes it: all the `first`s as tasks, then all parts"
-    items = list(items)
-    firsts = backend(_measure, items, measure=m.first, **shared)
-    try:
-        made = [(item, *sp) for item, sp in islice(firsts, len(items))]  # `firsts` open: a cluster it started stays up
+    with getattr(backend, 'session', contextlib.nullcontext)():  # one cluster for both rounds
+        made = [(item, *sp) for item, sp in backend(_measure, list(items), measure=m.first, **shared)]
         todo = [((i, k), item, state, p) for i, (item, state, pieces) in enumerate(made) for k, p in enumerate(pieces)]
         got = [{} for _ in made]
         for i, (item, state, pieces) in enumerate(made):
@@ -516,8 +513,6 @@ def _in_parts(backend, m:InParts, items, **shared):
             got[i][k] = r
             item, state, pieces = made[i]
             if len(got[i]) == len(pieces): yield item, m.join(state, [got[i][j] for j in range(len(pieces))])
-        for _ in firsts: pass
-    finally: firsts.close()
 
 def for_each_run(out, # the results folder
                  what:str, # the measurement's name: stored in `<run folder>/<what>.json`

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_scale.ipynb #db253f2a
 from __future__ import annotations
-import importlib.util, math, os, shutil, socket, sys, time
+import contextlib, importlib.util, math, os, shutil, socket, sys, time
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -114,12 +114,21 @@ def ray_backend(workers:int|None=None, # a local cluster of this many CPUs; with
                 submit(1)  # before the driver writes: no worker waits on it
                 yield item, result
             if nodes:
-                where = ', '.join(f'{n} on {k[:8]}' for k, n in nodes.items())
-                log(f"ray: {sum(nodes.values())} tasks on {len(nodes)} node(s) ({where}) in "
+                where, n = ', '.join(f'{n} on {k[:8]}' for k, n in nodes.items()), sum(nodes.values())
+                log(f"ray: {n} task{'s' * (n > 1)} on {len(nodes)} node(s) ({where}) in "
                     f"{time.perf_counter() - t0:.1f} s")
         finally:
             for ref in pending: ray.cancel(ref, force=True)
             if started: ray.shutdown()
+    @contextlib.contextmanager
+    def session():
+        "A context in which every call of `tasks` runs on one cluster: the one joined already, or one started here"
+        started = not ray.is_initialized()
+        if started: _init(ray, workers, address, log)
+        try: yield
+        finally:
+            if started: ray.shutdown()
+    tasks.session = session
     return tasks
 
 BACKENDS['ray'] = ray_backend
