@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_landscape.ipynb #3d8a6a95
 from __future__ import annotations
-import copy, hashlib, html, json, math, time, warnings
+import copy, dataclasses, hashlib, html, json, math, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
@@ -324,7 +324,7 @@ def _directions(model:nn.Module, x, y, resolution:int, lo:float, hi:float, seed:
     al, t0 = check_range(lo, hi, resolution), time.perf_counter()
     eigs, (v1, v2) = hessian_directions(model, F.cross_entropy, (x, y), k=2, seed=seed)
     dirs = [v1, v2, random_direction(model, seed)]
-    n, z = len(al), torch.zeros_like(al)
+    z = torch.zeros_like(al)
     coefs = torch.cat([F.pad(torch.cartesian_prod(al, al), (0, 1)),  # the surface: α·v1 + β·v2
                        torch.stack([al, z, z], 1), torch.stack([z, z, al], 1), al.new_zeros(1, 3)])  # v1, random, θ*
     state = dict(alphas=al, eigenvalues=eigs, dirs=[[t.cpu() for t in d] for d in dirs], seed=seed, bs=bs,
@@ -419,9 +419,8 @@ def landscape(out='results', datasets=None, optimizers=None, seeds=None,
     check_range(lo, hi, resolution)
     settings = signature_defaults(landscape_of) | dict(resolution=resolution, lo=float(lo), hi=float(hi),
                                                        seed=parse_seed(seed))
-    parts = landscape_parts(**settings)
-    measure = InParts(parts.first, parts.part, lambda state, blocks: dict(_join(state, blocks), resolution=resolution,
-                                                                          range=[float(lo), float(hi)]))
+    measure = dataclasses.replace(landscape_parts(**settings), join=lambda state, blocks: dict(
+        _join(state, blocks), resolution=resolution, range=[float(lo), float(hi)]))
     pages = [run.folder/'landscape.html' for run in select_runs(out, datasets, optimizers, seeds) if run.ok]
     check_writable(*pages, Path(out)/'landscape.html', Path(out)/'plotly.min.js')
     done = for_each_run(out, 'landscape', measure, datasets, optimizers, seeds, n, settings, _landscape_line,

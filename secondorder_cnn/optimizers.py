@@ -412,6 +412,6 @@ def stability_threshold(opt:Optimizer) -> float|None:
         if not b: return 2 / lr
         return (2 + 2 * b) / ((1 + 2 * b) * lr) if g['nesterov'] else (2 + 2 * b) / ((1 - g['dampening']) * lr)
     if isinstance(opt, Apollo): b, lr = g['beta'], _apollo_lr(g)
-    elif isinstance(opt, tuple(_PRECONDITIONERS)): b, lr = g['betas'][0], g['lr']
+    elif isinstance(opt, PRECONDITIONED): b, lr = g['betas'][0], g['lr']
     else: return None
     return (2 + 2 * b) / ((1 - b) * lr) if lr else None

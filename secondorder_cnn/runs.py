@@ -496,10 +496,8 @@ class InParts:
 
 def _part(item:tuple, subsets:dict, part, device):
     "The task of one part: `part` of the model of `item` on the subset of its dataset, both on `device`"
-    _, (_, model, dataset), state, piece = item
-    dev = resolve_device(device)
-    x, y = subsets[dataset]
-    return part(to_device(model, dev), x.to(dev), y.to(dev), state, piece)
+    _, run_item, state, piece = item
+    return _measure(run_item, subsets, lambda model, x, y: part(model, x, y, state, piece), device)
 
 def _in_parts(backend, m:InParts, items, **shared):
     "`(item, m(model, x, y))` for each of `items` as `backend` completes it: all the `first`s as tasks, then all parts"

@@ -93,33 +93,6 @@ def ray_backend(workers:int|None=None, # a local cluster of this many CPUs; with
     if str(address).startswith('ray://') and importlib.util.find_spec('grpc') is None:
         raise ValueError(f"address {address!r} needs Ray Client: pip install 'ray[client]'")
     log = log or (lambda s: None)
-    def tasks(f, items, **shared):
-        started, pending, nodes = not ray.is_initialized(), {}, Counter()
-        if started: _init(ray, workers, address, log)
-        t0 = time.perf_counter()
-        try:
-            slots = _slots(ray, cpus_per_task, gpus_per_task, workers)
-            task = ray.remote(_task).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries,
-                                             scheduling_strategy='SPREAD')
-            f, shared, items = ray.put(f), {k: ray.put(v) for k, v in shared.items()}, iter(items)
-            def submit(n:int):
-                for item in islice(items, n): pending[task.remote(f, cpus_per_task, item, **shared)] = item
-            submit(slots)
-            while pending:
-                (ref,), _ = ray.wait(list(pending))
-                item = pending.pop(ref)
-                try: node, result = ray.get(ref)
-                except ray.exceptions.RayTaskError as e: raise e.cause from None  # the task's own error
-                nodes[node] += 1
-                submit(1)  # before the driver writes: no worker waits on it
-                yield item, result
-            if nodes:
-                where, n = ', '.join(f'{n} on {k[:8]}' for k, n in nodes.items()), sum(nodes.values())
-                log(f"ray: {n} task{'s' * (n > 1)} on {len(nodes)} node(s) ({where}) in "
-                    f"{time.perf_counter() - t0:.1f} s")
-        finally:
-            for ref in pending: ray.cancel(ref, force=True)
-            if started: ray.shutdown()
     @contextlib.contextmanager
     def session():
         "A context in which every call of `tasks` runs on one cluster: the one joined already, or one started here"
@@ -128,6 +101,32 @@ def ray_backend(workers:int|None=None, # a local cluster of this many CPUs; with
         try: yield
         finally:
             if started: ray.shutdown()
+    def tasks(f, items, **shared):
+        pending, nodes = {}, Counter()
+        with session():
+            t0 = time.perf_counter()
+            try:
+                slots = _slots(ray, cpus_per_task, gpus_per_task, workers)
+                task = ray.remote(_task).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
+                                                 max_retries=max_retries, scheduling_strategy='SPREAD')
+                f, shared, items = ray.put(f), {k: ray.put(v) for k, v in shared.items()}, iter(items)
+                def submit(n:int):
+                    for item in islice(items, n): pending[task.remote(f, cpus_per_task, item, **shared)] = item
+                submit(slots)
+                while pending:
+                    (ref,), _ = ray.wait(list(pending))
+                    item = pending.pop(ref)
+                    try: node, result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e: raise e.cause from None  # the task's own error
+                    nodes[node] += 1
+                    submit(1)  # before the driver writes: no worker waits on it
+                    yield item, result
+                if nodes:
+                    where, n = ', '.join(f'{n} on {k[:8]}' for k, n in nodes.items()), sum(nodes.values())
+                    log(f"ray: {n} task{'s' * (n > 1)} on {len(nodes)} node(s) ({where}) in "
+                        f"{time.perf_counter() - t0:.1f} s")
+            finally:
+                for ref in pending: ray.cancel(ref, force=True)
     tasks.session = session
     return tasks
 
