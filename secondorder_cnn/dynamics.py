@@ -40,7 +40,7 @@ def _edge_run(dataset:str, x, y, method:str, lr:float, steps:int, every:int, tra
     name, kw = METHODS[method]
     torch.manual_seed(seed)
     model = to_device(LeNet5.for_dataset(dataset), x.device)
-    opt, tracker = make_optimizer(name, model.parameters(), lr=lr, **kw), Tracker(x, y, every, trace)
+    opt, tracker = make_optimizer(name, model, lr=lr, **kw), Tracker(x, y, every, trace)
     tracker(model, opt, 0, None)
     status, t0, loss = 'ok', time.perf_counter(), None  # the clock starts after the first measurement
     for step in range(1, steps + 1):
@@ -119,7 +119,7 @@ def to_low_loss(out='results/low_loss', # results folder: `<out>/<dataset>/<opti
             continue
         torch.manual_seed(seed)
         model = to_device(LeNet5.for_dataset(dataset), dev)
-        opt, dl = make_optimizer(o, model.parameters(), seed=seed), TensorLoader(x, y, bs, True, seed)
+        opt, dl = make_optimizer(o, model, seed=seed), TensorLoader(x, y, bs, True, seed)
         status = 'not reached'
         for epoch in range(1, max_epochs + 1):
             if any(train_step(model, opt, xb, yb)['diverged'] for xb, yb in dl):

@@ -5,7 +5,7 @@
 # %% ../nbs/03_optimizers.ipynb #e9501f39
 from __future__ import annotations
 import inspect, math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 import torch, torch.nn.functional as F
@@ -17,8 +17,9 @@ from .model import check_model
 from .hessian import PROBES, hutchinson_diag, hvp, probe
 
 # %% auto #0
-__all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'OPTIMIZERS', 'PRECONDITIONED', 'check_lr', 'check_betas', 'HessianOptimizer',
-           'AdaHessian', 'Apollo', 'SophiaH', 'LBFGS', 'OptSpec', 'make_optimizer', 'train_step', 'preconditioner',
+__all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'NS_DTYPES', 'NS_COEFS', 'LAYERS', 'OPTIMIZERS', 'PRECONDITIONED', 'check_lr',
+           'check_betas', 'HessianOptimizer', 'AdaHessian', 'Apollo', 'SophiaH', 'LBFGS', 'newton_schulz',
+           'muon_groups', 'Muon', 'trainable', 'OptSpec', 'make_optimizer', 'train_step', 'preconditioner',
            'stability_threshold']
 
 # %% ../nbs/03_optimizers.ipynb #baf27d3b
@@ -255,7 +256,99 @@ class LBFGS(torch.optim.LBFGS):
         g = torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in self._params])
         return g.neg_() if self.param_groups[0].get('maximize', False) else g
 
+# %% ../nbs/03_optimizers.ipynb #bba8d9b8
+NS_DTYPES = {'bfloat16': torch.bfloat16, 'float32': torch.float32, 'float64': torch.float64}
+NS_COEFS = (3.4445, -4.7750, 2.0315)  # the authors' quintic: slope 3.4 at zero
+
+def newton_schulz(G:Tensor, # a matrix
+                  steps:int=5, # iterations
+                  dtype:torch.dtype=torch.bfloat16, # precision of the iterations
+                  eps:float=1e-7) -> Tensor: # floor of $\lVert G\rVert_F$
+    "$U S' V^\top$ for $G = U S V^\top$, $S' \approx I$: `steps` quintic Newton–Schulz iterations"
+    a, b, c = NS_COEFS
+    X = G.to(dtype, copy=True)
+    if G.size(0) > G.size(1): X = X.T  # the Gram matrix of the short side is the small one
+    X.div_(X.norm().clamp(min=eps))
+    for _ in range(steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)  # aX + (bA + cA²)X
+    return X.T if G.size(0) > G.size(1) else X
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def muon_groups(model:nn.Module) -> list[dict]:
+    "`model`'s trainable parameters as Muon's groups: hidden layers' weights (`muon=True`), the rest for Adam"
+    layers = [m for m in model.modules() if isinstance(m, LAYERS)]
+    hidden = {id(m.weight) for m in layers[1:-1]}
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in ps if id(p) in hidden], muon=True),
+            dict(params=[p for p in ps if id(p) not in hidden], muon=False)]
+
+class Muon(Optimizer):
+    "Muon (Jordan et al. 2024): orthogonalised momentum for hidden weights, Adam for the other parameters"
+    def __init__(self, params, # groups with `muon` True or False, as `muon_groups` makes them
+                 lr:float=0.02, # learning rate $\eta$ of the Muon group
+                 momentum:float=0.95, # momentum $\mu$
+                 nesterov:bool=True, # orthogonalise $(1-\mu)g + \mu B$, else the buffer $B$
+                 ns_steps:int=5, # Newton–Schulz iterations
+                 ns_dtype:str='bfloat16', # their precision: 'bfloat16', 'float32' or 'float64'
+                 weight_decay:float=0.01, # decoupled weight decay $\lambda$ of the Muon group, scaled by `lr`
+                 adam_lr:float=3e-4, # learning rate of the Adam group
+                 adam_betas:tuple=(0.9, 0.95), # Adam's decay rates
+                 adam_eps:float=1e-10, # Adam's epsilon
+                 adam_weight_decay:float=0.01): # decoupled weight decay of the Adam group, scaled by `adam_lr`
+        for v, k in ((lr, 'lr'), (adam_lr, 'adam_lr'), (weight_decay, 'weight_decay'), (adam_eps, 'adam_eps'),
+                     (adam_weight_decay, 'adam_weight_decay')): check_lr(v, k)
+        check_float(momentum, 'momentum', 0, 1, hi_open=True)
+        check_bool(nesterov, 'nesterov')
+        check_int(ns_steps, 'ns_steps')
+        check_choice(ns_dtype, tuple(NS_DTYPES), 'ns_dtype')
+        check_betas(adam_betas, 'adam_betas')
+        groups = _check_params(params)
+        _check(all(isinstance(g, dict) and isinstance(g.get('muon'), bool) for g in groups),
+               "Muon needs parameter groups with 'muon' True or False: make_optimizer('muon', model) makes them")
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      ns_dtype=ns_dtype, weight_decay=weight_decay, adam_lr=adam_lr,
+                                      adam_betas=adam_betas, adam_eps=adam_eps, adam_weight_decay=adam_weight_decay))
+        flat = [tuple(p.shape) for g in self.param_groups if g['muon'] for p in g['params'] if p.ndim < 2]
+        _check(not flat, f"Muon orthogonalises matrices, and its group holds parameters of shape {flat}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        "One step: Muon's on the `muon` group, Adam's on the other"
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for g in self.param_groups:
+            g['step'] = t = g.get('step', 0) + 1
+            for p in g['params']:
+                if p.grad is None: continue
+                (self._muon if g['muon'] else self._adam)(p, p.grad, self.state[p], g, t)
+        return loss
+
+    def _muon(self, p:Tensor, grad:Tensor, st:dict, g:dict, t:int):
+        if 'momentum_buffer' not in st: st['momentum_buffer'] = torch.zeros_like(p)
+        B, mu = st['momentum_buffer'], g['momentum']
+        B.lerp_(grad, 1 - mu)
+        M = (grad.lerp(B, mu) if g['nesterov'] else B).reshape(len(p), -1)  # filters as rows
+        O = newton_schulz(M, g['ns_steps'], NS_DTYPES[g['ns_dtype']]).view_as(p)
+        p.mul_(1 - g['lr'] * g['weight_decay'])
+        p.add_(O, alpha=-g['lr'] * max(1, M.size(0) / M.size(1)) ** 0.5)
+
+    def _adam(self, p:Tensor, grad:Tensor, st:dict, g:dict, t:int):
+        if 'exp_avg' not in st: st['exp_avg'], st['exp_avg_sq'] = torch.zeros_like(p), torch.zeros_like(p)
+        (b1, b2), lr = g['adam_betas'], g['adam_lr']
+        st['exp_avg'].lerp_(grad, 1 - b1)
+        st['exp_avg_sq'].lerp_(grad.square(), 1 - b2)
+        p.mul_(1 - lr * g['adam_weight_decay'])
+        denom = st['exp_avg_sq'].sqrt().div_(math.sqrt(1 - b2 ** t)).add_(g['adam_eps'])
+        p.addcdiv_(st['exp_avg'], denom, value=-lr / (1 - b1 ** t))
+
 # %% ../nbs/03_optimizers.ipynb #c46606ee
+def trainable(model:nn.Module) -> list[Tensor]:
+    "The parameters of `model` that train: what most optimizers are given"
+    return [p for p in model.parameters() if p.requires_grad]
+
 @dataclass(frozen=True)
 class OptSpec:
     "How to build one optimizer"
@@ -264,6 +357,7 @@ class OptSpec:
     doc: str # where the settings come from
     seeded: bool = False # takes a `seed` for its probes
     cost: float = 1. # seconds per step against Adam's (`benchmarks/train.py`): longest runs first on a cluster
+    build: Callable = trainable # what `cls` is given of the model: its parameters, groups of them, or the model
 
 OPTIMIZERS = {
     'adam': OptSpec(
@@ -291,6 +385,11 @@ OPTIMIZERS = {
         SophiaH, dict(lr=6e-2, betas=(0.96, 0.99), gamma=1e-2, eps=1e-12, update_each=10, dist='gaussian'),
         "the paper's SophiaH (Gaussian probes every 10 steps, betas (0.96, 0.99)), "
         "pytorch_optimizer's lr 0.06 and gamma 0.01", seeded=True, cost=1.2),
+    'muon': OptSpec(
+        Muon, dict(lr=0.02, momentum=0.95, weight_decay=0.01, adam_lr=3e-4, adam_betas=(0.9, 0.95),
+                   adam_weight_decay=0.01),
+        "the authors' settings (KellerJordan/Muon, README: Muon lr 0.02, weight decay 0.01; Adam lr 3e-4, betas "
+        "(0.9, 0.95), weight decay 0.01 for the first and last layers and the biases)", build=muon_groups),
 }
 
 _SETTINGS = {  # how `make_optimizer` checks a setting, whichever optimizer takes it
@@ -301,11 +400,14 @@ _SETTINGS = {  # how `make_optimizer` checks a setting, whichever optimizer take
     **{k: partial(check_float, lo=0) for k in ('eps', 'weight_decay', 'tolerance_grad', 'tolerance_change')}}
 
 def make_optimizer(name:str, # a key of `OPTIMIZERS`
-                   params, # parameters or parameter groups, as for any `torch.optim.Optimizer`
+                   model, # the model; or, for an optimizer built from parameters, its parameters or groups
                    seed:int|None=None, # seeds the probes of the optimizers that draw them; others ignore it
                    **overrides) -> Optimizer: # settings that replace the registry's
-    "The optimizer `name` of `OPTIMIZERS` on `params`, its registry settings updated by `overrides`"
+    "The optimizer `name` of `OPTIMIZERS` for `model`, its registry settings updated by `overrides`"
     spec = OPTIMIZERS[check_choice(name, tuple(OPTIMIZERS), 'optimizer')]
+    if isinstance(model, nn.Module): params = spec.build(model)
+    elif spec.build is trainable: params = model
+    else: raise ValueError(f"{name} is built from the model ({spec.build.__name__}); got {describe(model)}")
     sig = inspect.signature(spec.cls).parameters
     allowed = [k for k in sig if k != 'params']
     for k in overrides: _check(k in allowed, f"{name} has no setting {k!r}; allowed: {', '.join(allowed)}")
@@ -315,7 +417,7 @@ def make_optimizer(name:str, # a key of `OPTIMIZERS`
         if k in _SETTINGS: _SETTINGS[k](v, k)
         elif isinstance(sig[k].default, bool): check_bool(v, k)
     if spec.seeded: kw['seed'] = seed
-    return spec.cls(_check_params(params), **kw)
+    return spec.cls(params if isinstance(params, nn.Module) else _check_params(params), **kw)
 
 # %% ../nbs/03_optimizers.ipynb #a64118b8
 class _NonFinite(Exception): pass

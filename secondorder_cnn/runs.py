@@ -49,7 +49,7 @@ def train(model:nn.Module, # on the device of the loaders
     "`status` ('ok' or 'diverged'), `diverged_epoch` and the metrics of each finished epoch of training `model`"
     check_int(epochs, 'epochs')
     train_dl, test_dl = dls
-    opt = make_optimizer(opt_name, model.parameters(), seed=seed, **(overrides or {}),
+    opt = make_optimizer(opt_name, model, seed=seed, **(overrides or {}),
                          **({} if lr is None else dict(lr=lr)))
     history, n_steps = [], 0
     if callback is not None: callback(model, opt, 0, None)

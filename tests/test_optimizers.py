@@ -152,7 +152,7 @@ def test_converges_on_a_convex_quadratic(name):
     crit = lambda out, y: ((out.squeeze(1) - y)**2).mean() / 2
     m = nn.Linear(8, 1, bias=False).double()
     nn.init.zeros_(m.weight)
-    opt = make_optimizer(name, m.parameters())
+    opt = make_optimizer(name, m)
     losses = [train_step(m, opt, X, y, crit)['loss'] for _ in range(1000)]
     assert min(losses) < 1e-8 * losses[0]
     assert (m.weight.detach()[0] - w_star).abs().max() < 1e-3
@@ -167,7 +167,7 @@ def test_lowers_lenet5_loss_in_20_steps(name):
     m = LeNet5()
     loss = lambda: F.cross_entropy(m(x), y).item()
     before = loss()
-    opt = make_optimizer(name, m.parameters())
+    opt = make_optimizer(name, m)
     hist = [train_step(m, opt, xb, yb) for xb, yb in bs]
     assert not any(h['diverged'] for h in hist)
     assert loss() < before
@@ -180,10 +180,10 @@ def test_state_dict_round_trip(batches, name):
     "10 steps, save, reload into a fresh model and optimizer, 10 more: the weights of 20 straight steps"
     a = lenet64()
     torch.manual_seed(5)
-    run(a, make_optimizer(name, a.parameters()), batches)
+    run(a, make_optimizer(name, a), batches)
     b = lenet64()
     torch.manual_seed(5)
-    opt = make_optimizer(name, b.parameters())
+    opt = make_optimizer(name, b)
     run(b, opt, batches[:10])
     buf = io.BytesIO()
     torch.save({'model': b.state_dict(), 'opt': opt.state_dict()}, buf)
@@ -192,7 +192,7 @@ def test_state_dict_round_trip(batches, name):
     c = lenet64(seed=1)
     c.load_state_dict(ck['model'])
     torch.manual_seed(6)
-    opt = make_optimizer(name, c.parameters())
+    opt = make_optimizer(name, c)
     opt.load_state_dict(ck['opt'])
     run(c, opt, batches[10:])
     assert max_diff(a, lenet64()) > 0
@@ -217,7 +217,7 @@ def test_nan_loss_restores_the_last_good_weights():
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,))
     m = LeNet5()
-    opt = make_optimizer('adam', m.parameters())
+    opt = make_optimizer('adam', m)
     train_step(m, opt, x, y)
     good = [p.detach().clone() for p in m.parameters()]
     train_step(m, opt, x, y)
@@ -234,7 +234,7 @@ def test_nonfinite_weights_after_a_step_are_rolled_back():
     x, y = torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,))
     m = LeNet5()
     start = [p.detach().clone() for p in m.parameters()]
-    opt = make_optimizer('sgd', m.parameters(), lr=1e6, momentum=0)
+    opt = make_optimizer('sgd', m, lr=1e6, momentum=0)
     r = train_step(m, opt, x, y, criterion=lambda out, y: F.cross_entropy(out, y) * 1e37)
     assert r['diverged'] and math.isfinite(r['loss'])
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), start))
@@ -243,7 +243,7 @@ def test_nonfinite_weights_after_a_step_are_rolled_back():
 def test_nan_at_the_first_step_leaves_the_weights():
     m = LeNet5()
     start = [p.detach().clone() for p in m.parameters()]
-    r = train_step(m, make_optimizer('lbfgs', m.parameters()), torch.full((4, 1, 32, 32), float('nan')), torch.zeros(4, dtype=torch.long))
+    r = train_step(m, make_optimizer('lbfgs', m), torch.full((4, 1, 32, 32), float('nan')), torch.zeros(4, dtype=torch.long))
     assert r['diverged'] and r['n_loss_evals'] == 1
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), start))
 
@@ -252,7 +252,7 @@ def test_lbfgs_history_is_reset_after_divergence():
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,))
     m = LeNet5()
-    opt = make_optimizer('lbfgs', m.parameters())
+    opt = make_optimizer('lbfgs', m)
     train_step(m, opt, x, y)
     assert opt.state[opt._params[0]]['n_iter'] > 0
     n = [0]
