@@ -141,6 +141,7 @@ SEARCH = {  # per optimizer: each setting searched and its range, drawn log-unif
     'apollo':      dict(lr=(0.05, 5.), warmup=(10, 1000)),
     'apollo-2023': dict(lr=(1e-3, 0.1), warmup=(50, 5000)),
     'sophiah':     dict(lr=(6e-3, 0.6), gamma=(1e-3, 0.1)),
+    'muon':        dict(lr=(2e-3, 0.2), adam_lr=(3e-5, 3e-3)),
 }
 
 def search_space(optimizer:str) -> dict:
