@@ -16,13 +16,15 @@ import torch
 import torch_optimizer, pytorch_optimizer
 from secondorder_cnn.data import get_dls
 from secondorder_cnn.model import LeNet5, to_device
-from secondorder_cnn.optimizers import OPTIMIZERS, make_optimizer, train_step
+from secondorder_cnn.optimizers import OPTIMIZERS, make_optimizer, muon_groups, train_step
 
 PEERS = {  # ours: (peer's name, how to build it, create_graph at step i)
-    'adahessian': ('torch_optimizer.Adahessian', lambda ps: torch_optimizer.Adahessian(ps, hessian_power=1), lambda i: True),
-    'apollo': ('torch_optimizer.Apollo', lambda ps: torch_optimizer.Apollo(ps, lr=0.5, warmup=100, init_lr=0.01), lambda i: False),
-    'apollo-2023': ('pytorch_optimizer.ApolloDQN', lambda ps: pytorch_optimizer.ApolloDQN(ps, lr=0.01, init_lr=1e-5, warmup_steps=500), lambda i: False),
-    'sophiah': ('pytorch_optimizer.SophiaH', lambda ps: pytorch_optimizer.SophiaH(ps, update_period=10), lambda i: i % 10 == 0),
+    'adahessian': ('torch_optimizer.Adahessian', lambda m: torch_optimizer.Adahessian(m.parameters(), hessian_power=1), lambda i: True),
+    'apollo': ('torch_optimizer.Apollo', lambda m: torch_optimizer.Apollo(m.parameters(), lr=0.5, warmup=100, init_lr=0.01), lambda i: False),
+    'apollo-2023': ('pytorch_optimizer.ApolloDQN', lambda m: pytorch_optimizer.ApolloDQN(m.parameters(), lr=0.01, init_lr=1e-5, warmup_steps=500), lambda i: False),
+    'muon': ('pytorch_optimizer.Muon', lambda m: pytorch_optimizer.Muon(
+        [dict(params=g['params'], use_muon=g['muon']) for g in muon_groups(m)], weight_decay=0.01, adamw_wd=0.01), lambda i: False),
+    'sophiah': ('pytorch_optimizer.SophiaH', lambda m: pytorch_optimizer.SophiaH(m.parameters(), update_period=10), lambda i: i % 10 == 0),
 }
 SEED = 12345
 
@@ -31,7 +33,7 @@ def timed(init, make, batches, create_graph=lambda i: None):
     "Mean seconds per step over `batches[1:]` (the first step is not timed), the trained model, and the step records"
     torch.manual_seed(SEED)  # the peers' probes come from the global generator
     model = copy.deepcopy(init)
-    opt = make(model.parameters())
+    opt = make(model)
     recs = [train_step(model, opt, *batches[0], create_graph=create_graph(0))]
     t0 = time.perf_counter()
     for i, (xb, yb) in enumerate(batches[1:], 1): recs.append(train_step(model, opt, xb, yb, create_graph=create_graph(i)))
@@ -48,7 +50,7 @@ def main(steps=10, reps=3, dataset='fashion_mnist', layout='contiguous', threads
     batches = [b for b, _ in zip(trn, range(steps + 1))]
     torch.manual_seed(SEED)
     init = to_device(LeNet5(), 'cpu') if layout == 'channels_last' else LeNet5()
-    ours = {k: (lambda ps, k=k: make_optimizer(k, ps, seed=SEED)) for k in OPTIMIZERS}
+    ours = {k: (lambda m, k=k: make_optimizer(k, m, seed=SEED)) for k in OPTIMIZERS}
     variants = {**{k: (m, lambda i: None) for k, m in ours.items()}, **{v[0]: (v[1], v[2]) for v in PEERS.values()}}
     times, models, recs = {k: [] for k in variants}, {}, {}
     for _ in range(reps):
