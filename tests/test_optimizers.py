@@ -281,7 +281,7 @@ ps = lambda: LeNet5().parameters()
     (lambda: SophiaH(ps(), betas=(-0.1, 0.99)), r'betas\[0\] -0.1 must be in \[0, 1\)'),
     (lambda: Apollo(ps(), beta=1), r'beta 1 must be in \[0, 1\)'),
     (lambda: make_optimizer('adam', ps(), betas=(0.9, 1.5)), r'betas\[1\] 1.5'),
-    (lambda: make_optimizer('Adam', ps()), "optimizer 'Adam' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah'"),
+    (lambda: make_optimizer('Adam', ps()), "optimizer 'Adam' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah', 'muon'"),
     (lambda: make_optimizer('apollo', ps(), momentum=0.9), "apollo has no setting 'momentum'; allowed: lr, beta, eps, rebound, sigma"),
     (lambda: Apollo(ps(), rebound='adaptive'), "rebound 'adaptive' is not allowed; allowed: 'constant', 'belief'"),
     (lambda: Apollo(ps(), weight_decay_type='l1'), "weight_decay_type 'l1' is not allowed; allowed: 'L2', 'decoupled', 'stable'"),
