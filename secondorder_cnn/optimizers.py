@@ -14,13 +14,12 @@ from torch.optim import Optimizer
 from .data import (
     check_bool, check_callable, check_choice, check_float, check_int, check_seed, check_xy, describe)
 from .model import check_model
-from .hessian import PROBES, hutchinson_diag, hvp, probe
+from .hessian import PROBES, block_params, hutchinson_diag, hvp, probe
 
 # %% auto #0
 __all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'NS_DTYPES', 'NS_COEFS', 'LAYERS', 'OPTIMIZERS', 'PRECONDITIONED', 'check_lr',
            'check_betas', 'HessianOptimizer', 'AdaHessian', 'Apollo', 'SophiaH', 'LBFGS', 'newton_schulz',
-           'muon_groups', 'Muon', 'trainable', 'OptSpec', 'make_optimizer', 'train_step', 'preconditioner',
-           'stability_threshold']
+           'muon_groups', 'Muon', 'OptSpec', 'make_optimizer', 'train_step', 'preconditioner', 'stability_threshold']
 
 # %% ../nbs/03_optimizers.ipynb #baf27d3b
 def _check(ok:bool, msg:str):
@@ -280,7 +279,7 @@ def muon_groups(model:nn.Module) -> list[dict]:
     "`model`'s trainable parameters as Muon's groups: hidden layers' weights (`muon=True`), the rest for Adam"
     layers = [m for m in model.modules() if isinstance(m, LAYERS)]
     hidden = {id(m.weight) for m in layers[1:-1]}
-    ps = [p for p in model.parameters() if p.requires_grad]
+    ps = block_params(model)
     return [dict(params=[p for p in ps if id(p) in hidden], muon=True),
             dict(params=[p for p in ps if id(p) not in hidden], muon=False)]
 
@@ -345,10 +344,6 @@ class Muon(Optimizer):
         p.addcdiv_(st['exp_avg'], denom, value=-lr / (1 - b1 ** t))
 
 # %% ../nbs/03_optimizers.ipynb #c46606ee
-def trainable(model:nn.Module) -> list[Tensor]:
-    "The parameters of `model` that train: what most optimizers are given"
-    return [p for p in model.parameters() if p.requires_grad]
-
 @dataclass(frozen=True)
 class OptSpec:
     "How to build one optimizer"
@@ -357,7 +352,7 @@ class OptSpec:
     doc: str # where the settings come from
     seeded: bool = False # takes a `seed` for its probes
     cost: float = 1. # seconds per step against Adam's (`benchmarks/train.py`): longest runs first on a cluster
-    build: Callable = trainable # what `cls` is given of the model: its parameters, groups of them, or the model
+    build: Callable = block_params # what `cls` is given of the model: its trainable parameters, or groups of them
 
 OPTIMIZERS = {
     'adam': OptSpec(
@@ -406,7 +401,7 @@ def make_optimizer(name:str, # a key of `OPTIMIZERS`
     "The optimizer `name` of `OPTIMIZERS` for `model`, its registry settings updated by `overrides`"
     spec = OPTIMIZERS[check_choice(name, tuple(OPTIMIZERS), 'optimizer')]
     if isinstance(model, nn.Module): params = spec.build(model)
-    elif spec.build is trainable: params = model
+    elif spec.build is block_params: params = model
     else: raise ValueError(f"{name} is built from the model ({spec.build.__name__}); got {describe(model)}")
     sig = inspect.signature(spec.cls).parameters
     allowed = [k for k in sig if k != 'params']
@@ -417,7 +412,7 @@ def make_optimizer(name:str, # a key of `OPTIMIZERS`
         if k in _SETTINGS: _SETTINGS[k](v, k)
         elif isinstance(sig[k].default, bool): check_bool(v, k)
     if spec.seeded: kw['seed'] = seed
-    return spec.cls(params if isinstance(params, nn.Module) else _check_params(params), **kw)
+    return spec.cls(_check_params(params), **kw)
 
 # %% ../nbs/03_optimizers.ipynb #a64118b8
 class _NonFinite(Exception): pass
