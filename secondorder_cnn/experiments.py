@@ -28,7 +28,8 @@ PRESETS = {
     'quick': dict(datasets=('digits',), optimizers=tuple(OPTIMIZERS), epochs=10, bs=64, seeds=(0,)),
     'paper': dict(datasets=('mnist', 'fashion_mnist', 'cifar10'), optimizers=('adam', 'lbfgs', 'adahessian', 'apollo'),
                   epochs=dict(mnist=10, fashion_mnist=10, cifar10=50), bs=1000, seeds=(12345,)),
-    'fmnist': dict(datasets=('fashion_mnist',), optimizers=('adam', 'lbfgs', 'adahessian', 'apollo', 'sgd', 'sophiah'),
+    'fmnist': dict(datasets=('fashion_mnist',), optimizers=('adam', 'lbfgs', 'adahessian', 'apollo', 'sgd', 'sophiah',
+                                                         'kfac', 'shampoo', 'soap', 'muon', 'kron'),
                    epochs=10, bs=1000, seeds=(12345,)),
 }
 

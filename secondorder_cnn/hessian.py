@@ -5,7 +5,7 @@
 # %% ../nbs/02_hessian.ipynb #37c0f981
 from __future__ import annotations
 import copy, math, warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 import torch
 from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
@@ -101,7 +101,7 @@ class HessianOperator:
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad: raise ValueError(f"model holds weights that are not finite (NaN or inf): {', '.join(bad)}")
         self.batches = [data] if data is not None else dataloader
-        self.params, self.scale = block_params(model, params), None
+        self.params, self.scale, self.root = block_params(model, params), None, None
         if not self.params:
             raise ValueError("the model has no parameter that requires grad" if params is None else
                              f"params {describe(params)} selects no trainable parameter")
@@ -165,10 +165,18 @@ def _unflat(self:HessianOperator, v:Tensor) -> list[Tensor]:
     return [t.reshape(*v.shape[:-1], *s) for t, s in zip(v.split(self.sizes, -1), self.shapes)]
 
 @patch
+def _pre(self:HessianOperator, v:Tensor) -> Tensor:
+    "$Dv$ for the preconditioned operator $DHD$ (row by row for a batch): $D$ diagonal (`scale`) or a map (`root`)"
+    if self.scale is not None: v = v * self.scale
+    if self.root is None: return v
+    rows = [torch.cat([t.reshape(-1) for t in self.root(self._unflat(r))]) for r in (v if v.dim() == 2 else v[None])]
+    return torch.stack(rows) if v.dim() == 2 else rows[0]
+
+@patch
 def _mv(self:HessianOperator, v:Tensor) -> Tensor:
     "$Hv$ for a flat vector `v`, or $HV$ row by row for a batch `v` of shape (k, P), vectorised over the rows"
     v = v.to(self.params[0])
-    if self.scale is not None: v = v * self.scale  # a preconditioned operator: D H D with D = P^{-1/2}
+    v = self._pre(v)  # a preconditioned operator: D H D with D = P^{-1/2}
     vs, batched = self._unflat(v), v.dim() == 2
     if hasattr(self, '_g'): hv = hvp(self._g, self.params, vs, retain_graph=True, batched=batched)
     else:
@@ -181,7 +189,7 @@ def _mv(self:HessianOperator, v:Tensor) -> Tensor:
         hv = [h / n for h in hv]
     self.n_hvp += len(v) if batched else 1
     hv = torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], -1).detach()
-    if self.scale is not None: hv = hv * self.scale
+    hv = self._pre(hv)
     if not torch.isfinite(hv).all():
         raise ValueError("the Hessian-vector products are not finite (NaN or inf): a batch holds NaN or inf, "
                          "or the loss overflows")
@@ -330,13 +338,21 @@ def sharpness(self:HessianOperator,
 # %% ../nbs/02_hessian.ipynb #2eb2c049
 @patch
 def preconditioned(self:HessianOperator,
-                   P:list[Tensor] # the diagonal preconditioner, one positive tensor per parameter (`self.params`)
+                   P:list[Tensor]|Callable # diagonal P: one positive tensor per parameter (`self.params`); or the
+                                           # symmetric map $P^{-1/2}$: a function of such a list, returning one
                   ) -> HessianOperator:
     "The operator $P^{-1/2} H P^{-1/2}$, whose eigenvalues are those of $P^{-1}H$; its products counted afresh"
+    op = copy.copy(self)
+    op.n_hvp = 0
+    if callable(P):
+        if self.scale is not None or self.root is not None:
+            raise ValueError("the operator is preconditioned already: a map P^{-1/2} applies to H itself")
+        op.root = P
+        return op
+    if self.root is not None: raise ValueError("the operator is preconditioned by a map already: P must be that map")
     p = self._flat(P, 'P').to(self.params[0])
     if not (torch.isfinite(p).all() and (p > 0).all()): raise ValueError("P must hold finite numbers > 0")
-    op = copy.copy(self)
-    op.scale, op.n_hvp = p.rsqrt() if self.scale is None else self.scale * p.rsqrt(), 0
+    op.scale = p.rsqrt() if self.scale is None else self.scale * p.rsqrt()
     return op
 
 # %% ../nbs/02_hessian.ipynb #d9c99bb2

@@ -362,6 +362,17 @@ def _subset_loss(model:nn.Module, x:Tensor, y:Tensor, criterion) -> float:
     finally:
         for m, t in modes.items(): m.training = t
 
+def _in_order(P, ps:list, params:list):
+    "`P` (diagonal tensors, or a map $P^{-1/2}$ of tensors), given for the optimizer's `ps`, for the Hessian's `params`"
+    at = {id(p): i for i, p in enumerate(ps)}
+    if not callable(P): return [P[at[id(p)]] for p in params]
+    def root(vs):
+        full = [torch.zeros_like(p) for p in ps]
+        for p, v in zip(params, vs): full[at[id(p)]] = v
+        out = P(full)
+        return [out[at[id(p)]] for p in params]
+    return root
+
 class Tracker:
     "A `train` callback: every `every` steps, sharpness (plain and preconditioned), thresholds and trace on `(x, y)`"
     def __init__(self, x:Tensor, y:Tensor, # the fixed subset the Hessian is taken on
@@ -386,8 +397,7 @@ class Tracker:
                  pre_threshold=stability_threshold(opt) if pre else None)
         P = preconditioner(opt)
         if P is not None:
-            by_param = {id(p): t for p, t in zip((p for g in opt.param_groups for p in g['params']), P)}
-            Hp = H.preconditioned([by_param[id(p)] for p in H.params])
+            Hp = H.preconditioned(_in_order(P, [p for g in opt.param_groups for p in g['params']], H.params))
             lp = Hp.sharpness(self.v_pre, self.max_iter, self.tol)
             self.v_pre, r['pre_lambda1'], n_hvp = lp[1], lp[0], n_hvp + Hp.n_hvp
         if self.trace:

@@ -142,6 +142,10 @@ SEARCH = {  # per optimizer: each setting searched and its range, drawn log-unif
     'apollo-2023': dict(lr=(1e-3, 0.1), warmup=(50, 5000)),
     'sophiah':     dict(lr=(6e-3, 0.6), gamma=(1e-3, 0.1)),
     'muon':        dict(lr=(2e-3, 0.2), adam_lr=(3e-5, 3e-3)),
+    'kfac':        dict(lr=(0.01, 1.), damping=(3e-4, 3e-2), kl_clip=(1e-4, 1e-2)),  # while the clip acts, lr does not
+    'shampoo':     dict(lr=(1e-4, 1e-2), epsilon=(1e-12, 1e-6)),
+    'soap':        dict(lr=(3e-4, 3e-2), precondition_frequency=(1, 100)),
+    'kron':        dict(lr=(2e-4, 2e-2), damping=(1e-8, 1e-2)),
 }
 
 def search_space(optimizer:str) -> dict:

@@ -87,3 +87,17 @@ def test_layers_command_stores_a_block_per_layer(tmp_path):
     assert ls['computed_from']['max_hvp'] == 9 and ls['n_samples'] == 100
     c = json.loads((out/'digits/adam/seed0/curvature.json').read_text())
     assert all(0 < v['lambda1'] <= c['top_eigenvalues'][0] * 1.01 for v in ls['layers'].values())  # a block's λ1 ≤ λ1
+
+
+@pytest.mark.parametrize('name, threshold', [('kfac', 3.8 / 0.1), ('soap', 3.9 / (0.05 * 3e-3)), ('kron', 3.8 / 2e-4),
+                                             ('muon', None)])
+def test_tracking_the_matrix_preconditioners(tmp_path, name, threshold):
+    "λ1(P⁻¹H) through the map P^{-1/2} of K-FAC, SOAP, PSGD-Kron against their thresholds; Muon: λ1(H) alone"
+    run = Run('digits', name, 0, 1, 256, track='every=3,samples=100')
+    run_one(run, tmp_path, 'cpu')
+    recs = json.loads((run.folder(tmp_path)/'dynamics.json').read_text())['records']
+    assert len(recs) >= 2 and all(r['lambda1'] > 0 for r in recs)
+    if threshold is None: assert all(r['pre_lambda1'] is None and r['threshold'] is None for r in recs)
+    else:
+        assert recs[0]['pre_lambda1'] is None  # before the first step there is no P
+        assert all(r['pre_lambda1'] > 0 and r['pre_threshold'] == pytest.approx(threshold) for r in recs[1:])

@@ -105,7 +105,7 @@ def test_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
 @pytest.mark.parametrize('args, msg', [
     (['run', '--preset', 'huge'], "preset 'huge' is not allowed; allowed: 'quick', 'paper', 'fmnist'"),
     (['run', '--datasets', 'digits,imagenet'], "unknown dataset 'imagenet'; allowed: mnist, fashion_mnist, cifar10, digits, mnist5k"),
-    (['run', '--optimizers', 'adam,rmsprop'], "optimizer 'rmsprop' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah', 'muon'"),
+    (['run', '--optimizers', 'adam,rmsprop'], "optimizer 'rmsprop' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah', 'muon', 'kfac', 'shampoo', 'soap', 'kron'"),
     (['run', '--epochs', '0'], 'epochs 0 must be an integer >= 1'),
     (['run', '--epochs', 'ten'], "argument --epochs: invalid int value: 'ten'"),
     (['run', '--bs', '0'], 'bs 0 must be an integer >= 1'),
@@ -116,7 +116,7 @@ def test_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
     (['run', '--lr', '-0.1'], "lr '-0.1' must be a finite number > 0"),
     (['run', '--seeds', '0,one'], "seed 'one' must be an integer >= 0"),
     (['run', '--device', 'gpu0'], "unknown device 'gpu0'; allowed: cpu, cuda, cuda:<index>, mps"),
-    (['curvature', '--optimizers', 'adamw'], "optimizer 'adamw' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah', 'muon'"),
+    (['curvature', '--optimizers', 'adamw'], "optimizer 'adamw' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah', 'muon', 'kfac', 'shampoo', 'soap', 'kron'"),
     (['curvature', '--samples', '0'], 'samples 0 must be an integer >= 1'),
     (['report'], "no results in '{out}': train them first with `secondorder-cnn run`"),
 ])

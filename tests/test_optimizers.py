@@ -142,6 +142,13 @@ def test_adahessian_on_channels_last_matches_contiguous():
 
 # ---------- convergence ----------
 
+# K-FAC's empirical Fisher vanishes at an exact fit (G = mean residual² -> 0), so P -> λI and its step -> (η/λ)∇: stable
+# on this H (λ1 = 1.71) only if λ > η λ1 / (2 + 2μ) = 0.045; at the registry's 0.003 the loss cycles, 1e-4 to 0.05
+QUADRATIC = {'kfac': dict(damping=0.1)}
+# SOAP's β2 = 0.95 forgets the second moment within ~20 steps: near w* its normalised step stops shrinking and the loss
+# hovers at a floor ∝ lr² (AdamW with the same lr, betas and weight decay stops at 3e-8 as well); a broken SOAP gives 0.7
+QUADRATIC_FLOOR = {'soap': 1e-6}
+
 @pytest.mark.parametrize('name', OPTIMIZERS)
 def test_converges_on_a_convex_quadratic(name):
     "Least squares ½ mean((Xw - y)²) with an exact solution w*: the loss falls below 1e-8 of its start"
@@ -152,9 +159,9 @@ def test_converges_on_a_convex_quadratic(name):
     crit = lambda out, y: ((out.squeeze(1) - y)**2).mean() / 2
     m = nn.Linear(8, 1, bias=False).double()
     nn.init.zeros_(m.weight)
-    opt = make_optimizer(name, m)
+    opt = make_optimizer(name, m, **QUADRATIC.get(name, {}))
     losses = [train_step(m, opt, X, y, crit)['loss'] for _ in range(1000)]
-    assert min(losses) < 1e-8 * losses[0]
+    assert min(losses) < QUADRATIC_FLOOR.get(name, 1e-8) * losses[0]
     assert (m.weight.detach()[0] - w_star).abs().max() < 1e-3
 
 
@@ -281,7 +288,7 @@ ps = lambda: LeNet5().parameters()
     (lambda: SophiaH(ps(), betas=(-0.1, 0.99)), r'betas\[0\] -0.1 must be in \[0, 1\)'),
     (lambda: Apollo(ps(), beta=1), r'beta 1 must be in \[0, 1\)'),
     (lambda: make_optimizer('adam', ps(), betas=(0.9, 1.5)), r'betas\[1\] 1.5'),
-    (lambda: make_optimizer('Adam', ps()), "optimizer 'Adam' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah', 'muon'"),
+    (lambda: make_optimizer('Adam', ps()), "optimizer 'Adam' is not allowed; allowed: 'adam', 'sgd', 'lbfgs', 'adahessian', 'apollo', 'apollo-2023', 'sophiah', 'muon', 'kfac', 'shampoo', 'soap', 'kron'"),
     (lambda: make_optimizer('apollo', ps(), momentum=0.9), "apollo has no setting 'momentum'; allowed: lr, beta, eps, rebound, sigma"),
     (lambda: Apollo(ps(), rebound='adaptive'), "rebound 'adaptive' is not allowed; allowed: 'constant', 'belief'"),
     (lambda: Apollo(ps(), weight_decay_type='l1'), "weight_decay_type 'l1' is not allowed; allowed: 'L2', 'decoupled', 'stable'"),
