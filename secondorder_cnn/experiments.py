@@ -19,7 +19,7 @@ from .runs import (FinishedRun, Run, backend, check_out, command, finished, fini
                                   write_run)
 
 # %% auto #0
-__all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'plan', 'work', 'run_grid', 'curvature_of', 'curvature_settings',
+__all__ = ['PRESETS', 'BUDGETS', 'PAPER', 'COLUMNS', 'COLOURS', 'plan', 'work', 'run_grid', 'curvature_of', 'curvature_settings',
            'curvature', 'weight_norms', 'summarize', 'markdown_table', 'paper_rows', 'paper_table', 'plot_curves',
            'report', 'run_cmd', 'curvature_cmd', 'report_cmd']
 
@@ -253,6 +253,8 @@ def _csv(rows:list[dict], f:Path):
             w.writerows(rows)
     write_atomic(write, f)
 
+COLOURS = [f'C{i}' for i in range(10)] + ['k', 'm', 'lime', 'navy']  # one per optimizer of the registry, and others
+
 def plot_curves(runs:list[FinishedRun], split:str='train',
                 original:list[FinishedRun]=()): # the original study's runs (`import-original`): dashed, marked so
     "The original study's figure for `split` ('train' or 'test'): a row per dataset, loss and accuracy across epochs"
@@ -270,7 +272,7 @@ def plot_curves(runs:list[FinishedRun], split:str='train',
         for (opt, theirs), histories in opts.items():
             n = min(len(h) for h in histories)
             ep = np.arange(1, n + 1)
-            style = dict(color=f'C{order.index(opt) if opt in order else len(order)}',
+            style = dict(color=COLOURS[order.index(opt) if opt in order else len(order) % len(COLOURS)],
                          ls='--' if theirs else '-', marker='x' if theirs else '.')
             for ax, key, scale in ((ax_loss, f'{split}_loss', 1), (ax_acc, f'{split}_acc', 100)):
                 v = np.array([[e[key] * scale for e in h[:n]] for h in histories])

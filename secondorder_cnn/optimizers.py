@@ -1168,13 +1168,13 @@ OPTIMIZERS = {
         Muon, dict(lr=0.02, momentum=0.95, weight_decay=0.01, adam_lr=3e-4, adam_betas=(0.9, 0.95),
                    adam_weight_decay=0.01),
         "the authors' settings (KellerJordan/Muon, README: Muon lr 0.02, weight decay 0.01; Adam lr 3e-4, betas "
-        "(0.9, 0.95), weight decay 0.01 for the first and last layers and the biases)", build=muon_groups),
+        "(0.9, 0.95), weight decay 0.01 for the first and last layers and the biases)", cost=1.1, build=muon_groups),
     'kfac': OptSpec(
         KFAC, dict(lr=0.1, momentum=0.9, weight_decay=5e-4, damping=0.003, factor_decay=0.95, kl_clip=0.001,
                    factor_update_steps=1, inv_update_steps=10, kfac_approx='expand', scale='fisher'),
         "kfac-pytorch's CIFAR-10 example (examples/torch_cifar10_resnet.py: lr 0.1, momentum 0.9, weight decay "
         "5e-4, damping 0.003, factor decay 0.95, KL clip 0.001; factors every step, eigendecompositions every 10) "
-        "without its warmup and lr decay, on curvlinops' per-sample Fisher scale", cost=2.8, build=check_model),
+        "without its warmup and lr decay, on curvlinops' per-sample Fisher scale", cost=1.9, build=check_model),
     'shampoo': OptSpec(
         Shampoo, dict(lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0., weight_decay_type='L2',
                       graft='adam', graft_beta2=0.999, graft_eps=1e-8, precondition_frequency=100,
@@ -1191,14 +1191,14 @@ OPTIMIZERS = {
         "precondition_frequency 10; soap.py's defaults for the rest: eps 1e-8, the factors' decay betas[1], "
         "plain Adam for the biases); filter banks as out x in*k*k matrices; factors every step, eigh once on the "
         "first gradient (a step that does not move the weights), then one power iteration + QR every 10 updates",
-        cost=1.04),
+        cost=1.0),
     'kron': OptSpec(
         Kron, dict(lr=2e-3, b1=0.9, weight_decay=0., precond_lr=0.1, precond_init_scale=1., max_prob=1., min_prob=1.,
                    prob_decay=1e-3, flat_start=500, max_size_triangular=8192, min_ndim_triangular=2,
                    momentum_into_precond_update=True, damping=5e-4, balance_prob=0.01),
         "PSGD-Kron with the author's LeNet5 settings (lixilinx/psgd_torch LeNet5/LeNet5_fisher_kron.py, 2019: step "
         "0.002, damping 0.0005, Q0 = I, factors refit at every step: update probability 1), Kron's momentum 0.9 and "
-        "precond_lr 0.1", seeded=True, cost=1.1),
+        "precond_lr 0.1", seeded=True, cost=1.06),
 }
 
 _SETTINGS = {  # how `make_optimizer` checks a setting, whichever optimizer takes it

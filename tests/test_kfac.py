@@ -10,24 +10,13 @@ from secondorder_cnn.hessian import HessianOperator
 from secondorder_cnn.model import LeNet5
 from secondorder_cnn.optimizers import (FISHER_TYPES, KFAC, KFAC_APPROX, input_factor, kfac_factors, kfac_layers,
                                         kfac_precondition, train_step)
+from twins import digit_batches, lenet64, max_diff, run
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope='module')
-def batches():
-    "20 batches of 16 digits in float64"
-    trn, _ = get_dls('digits', bs=16, device='cpu')
-    return [(xb.double(), yb) for (xb, yb), _ in zip(trn, range(20))]
-
-
-def lenet64(seed=0):
-    torch.manual_seed(seed)
-    return LeNet5().double()
-
-
-def run(model, opt, batches): return [train_step(model, opt, xb, yb) for xb, yb in batches]
-def max_diff(a, b): return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+def batches(): return digit_batches()
 
 
 def curvlinops_factors(model, x, y, kfac_approx='expand', fisher_type='empirical'):

@@ -5,25 +5,11 @@ import torch_optimizer, pytorch_optimizer
 from secondorder_cnn.data import get_dls
 from secondorder_cnn.model import LeNet5, to_device
 from secondorder_cnn.optimizers import OPTIMIZERS, REBOUNDS, AdaHessian, Apollo, LBFGS, SophiaH, make_optimizer, train_step
+from twins import digit_batches, lenet64, max_diff, run
 
 
 @pytest.fixture(scope='module')
-def batches():
-    "20 batches of 16 digits in float64"
-    trn, _ = get_dls('digits', bs=16, device='cpu')
-    return [(xb.double(), yb) for (xb, yb), _ in zip(trn, range(20))]
-
-
-def lenet64(seed=0):
-    torch.manual_seed(seed)
-    return LeNet5().double()
-
-
-def run(model, opt, batches, **kw):
-    return [train_step(model, opt, xb, yb, **kw) for xb, yb in batches]
-
-
-def max_diff(a, b): return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+def batches(): return digit_batches()
 
 
 # ---------- identity with the peers, float64, 20 steps, same probes ----------

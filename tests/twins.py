@@ -1,0 +1,23 @@
+"""What the tests of the optimizers share: float64 LeNet5s and digits batches for step-by-step identity checks"""
+from secondorder_cnn.data import get_dls
+from secondorder_cnn.model import LeNet5
+from secondorder_cnn.optimizers import train_step
+import torch
+
+
+def digit_batches(n=20, bs=16) -> list:
+    "`n` batches of `bs` digits in float64"
+    trn, _ = get_dls('digits', bs=bs, device='cpu')
+    return [(xb.double(), yb) for (xb, yb), _ in zip(trn, range(n))]
+
+
+def lenet64(seed=0):
+    torch.manual_seed(seed)
+    return LeNet5().double()
+
+
+def run(model, opt, batches, **kw):
+    return [train_step(model, opt, xb, yb, **kw) for xb, yb in batches]
+
+
+def max_diff(a, b): return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
