@@ -15,11 +15,11 @@ from .runs import (InParts, backend, check_writable, command, for_each_run, pars
                                   serial, signature_defaults)
 
 # %% auto #0
-__all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'LANDSCAPE_BLOCK', 'check_direction', 'random_direction', 'orthogonalize',
+__all__ = ['MAX_RESOLUTION', 'MAX_RANGE', 'MAX_SCENES', 'LANDSCAPE_BLOCK', 'check_direction', 'random_direction', 'orthogonalize',
            'hessian_directions', 'check_range', 'inference_copy', 'landscape_1d', 'landscape_2d', 'plotly_html', 'Plot',
-           'plotlyjs', 'plot_surface', 'plot_surfaces', 'plot_contours', 'plot_lines', 'plot_lines_mpl',
-           'landscape_parts', 'landscape_of', 'run_page', 'index_page', 'landscape', 'parse_range', 'landscape_cmd',
-           'path_between']
+           'plotlyjs', 'plot_surface', 'plot_surfaces', 'plot_surface_menu', 'plot_contours', 'plot_lines',
+           'plot_lines_mpl', 'landscape_parts', 'landscape_of', 'run_page', 'index_page', 'landscape', 'parse_range',
+           'landscape_cmd', 'path_between']
 
 # %% ../nbs/06_landscape.ipynb #9f5c2ca6
 def _params(model:nn.Module) -> list[Tensor]: return [p for p in model.parameters() if p.requires_grad]
@@ -275,6 +275,28 @@ def plot_surfaces(items:dict, # {panel title: (alphas, betas, loss)}
     fig.update_scenes(**_scene(xlabel, ylabel))
     return fig
 
+MAX_SCENES = 16  # WebGL contexts a browser keeps for a page: beyond them it drops the oldest, whose scenes go blank
+
+def plot_surface_menu(items:dict, # {name: (alphas, betas, loss)}
+                      title:str='', xlabel:str='α', ylabel:str='β', height:int=560):
+    "The surfaces of `items` in one 3D scene, a menu choosing which is shown; one colour scale and one height axis"
+    import plotly.graph_objects as go
+    if not items: raise ValueError("no surfaces to plot")
+    lo, hi = _z_range(items)
+    fig = go.Figure()
+    for k, (name, (a, b, z)) in enumerate(items.items()):
+        fig.add_traces([_surface(a, b, z, lo, hi, name=name), _centre(a, b, z)])
+        fig.data[-2].visible = fig.data[-1].visible = k == 0
+    n = len(items)
+    buttons = [dict(label=name, method='update', args=[dict(visible=[i // 2 == k for i in range(2 * n)]),
+                                                       dict(title=f'{title}: {name}' if title else name)])
+               for k, name in enumerate(items)]
+    first = next(iter(items))
+    fig.update_layout(title=f'{title}: {first}' if title else first, height=height, margin=dict(l=0, r=0, t=60, b=0),
+                      scene=_scene(xlabel, ylabel) | dict(zaxis=dict(range=[lo, hi], title='loss')),
+                      updatemenus=[dict(buttons=buttons, direction='down', x=0, xanchor='left', y=1, yanchor='top')])
+    return fig
+
 def plot_contours(items:dict, cols:int=3, title:str='', xlabel:str='α', ylabel:str='β', height:int=300):
     "The surfaces of `items` as contour maps on a shared colour scale, the trained point marked"
     import plotly.graph_objects as go
@@ -395,7 +417,8 @@ def index_page(items:list[tuple[str, dict, dict]], js:str='plotly.min.js') -> st
         surfaces = {o: (ls['alphas'], ls['alphas'], ls['loss']) for o, ls in sel.items()}
         body.append(f'<h2>{html.escape(dataset)}</h2>')
         title = 'loss along v1 (α) and v2 (β); first seed of each optimizer'
-        body.append(plotly_html(plot_surfaces(surfaces, title=title)))
+        plot = plot_surfaces if len(surfaces) <= MAX_SCENES else plot_surface_menu
+        body.append(plotly_html(plot(surfaces, title=title)))
         lines = {o: (ls['alphas'], ls['v1_loss']) for o, ls in sel.items()}
         body.append(plotly_html(plot_lines(lines, 'along v1', log=True)))
     links = ''.join(f'<li><a href="{html.escape(link)}">{html.escape(_run_title(c))}</a></li>' for link, _, c in items)
