@@ -543,7 +543,7 @@ class KFAC(Optimizer):
             V, dirs[m] = self._layer_step(m, g, refresh)
             vg.append((dirs[m] * V).sum())
         vg = torch.stack(vg).sum().item() * lr**2 if vg else 0.  # one host sync per step
-        # KL clip: scale every preconditioned gradient so that the step's predicted KL, η² ∇ᵀP⁻¹∇, stays within κ
+        # KL clip: scale the preconditioned gradients so that the predicted KL, η² ∇ᵀP⁻¹∇, stays ≤ κ
         nu = min(1., math.sqrt(kl / abs(vg))) if kl is not None and vg else 1.
         for group in self.param_groups:
             mu, wd = group['momentum'], group['weight_decay']
@@ -601,7 +601,7 @@ def _merge_dims(shape:tuple, n:int) -> tuple:
 def shampoo_shape(p:Tensor, # a parameter
                   reshape:str='matrix', # 'matrix', 'merge' or 'tensor', as `Shampoo` takes it
                   max_dim:int=1024) -> tuple: # the merge bound of 'merge'
-    "The shape whose every dimension gets a factor: a filter bank as out × in·k·k for 'matrix', as stored for 'tensor'"
+    "The shape whose every dimension gets a factor: a filter bank as out × in·k·k ('matrix'), as stored ('tensor')"
     if p.dim() == 0: return (1,)
     if reshape == 'merge': return _merge_dims(tuple(p.shape), max_dim)
     return (p.shape[0], p[0].numel()) if reshape == 'matrix' and p.dim() > 2 else tuple(p.shape)

@@ -10,7 +10,7 @@ from secondorder_cnn.hessian import HessianOperator
 from secondorder_cnn.model import LeNet5
 from secondorder_cnn.optimizers import (FISHER_TYPES, KFAC, KFAC_APPROX, input_factor, kfac_factors, kfac_layers,
                                         kfac_precondition, train_step)
-from twins import digit_batches, lenet64, max_diff, run
+from twins import digit_batches, least_squares, lenet64, max_diff, run
 
 torch.set_num_threads(1)
 
@@ -226,16 +226,8 @@ def test_float32_lenet5_learns_with_either_approximation():
 
 
 def quadratic(**kw):
-    "tests/test_optimizers.py's least squares ½ mean((Xw - y)²), y = Xw*: the losses of 1,000 K-FAC steps, |w - w*|"
-    torch.manual_seed(0)
-    X = torch.randn(64, 8, dtype=torch.float64)
-    w_star = 0.1 * torch.randn(8, dtype=torch.float64)
-    crit = lambda out, y: ((out.squeeze(1) - y)**2).mean() / 2
-    m = nn.Linear(8, 1, bias=False).double()
-    nn.init.zeros_(m.weight)
-    opt = KFAC(m, **kw)
-    losses = [train_step(m, opt, X, X @ w_star, crit)['loss'] for _ in range(1000)]
-    return losses, (m.weight.detach()[0] - w_star).abs().max().item(), torch.linalg.eigvalsh(X.T @ X / 64).max().item()
+    "tests/test_optimizers.py's least squares: the losses of 1,000 K-FAC steps, |w - w*|, λ1(H)"
+    return least_squares(lambda m: KFAC(m, **kw))
 
 
 def test_the_empirical_fisher_needs_damping_above_sgds_limit_on_a_quadratic():

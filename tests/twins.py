@@ -21,3 +21,16 @@ def run(model, opt, batches, **kw):
 
 
 def max_diff(a, b): return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def least_squares(make, steps=1000):
+    "½ mean((Xw - y)²) with an exact solution y = Xw*: the losses of `steps` steps of `make(model)`, |w - w*|, λ1(H)"
+    torch.manual_seed(0)
+    X = torch.randn(64, 8, dtype=torch.float64)
+    w_star = 0.1 * torch.randn(8, dtype=torch.float64)
+    crit = lambda out, y: ((out.squeeze(1) - y)**2).mean() / 2
+    m = torch.nn.Linear(8, 1, bias=False).double()
+    torch.nn.init.zeros_(m.weight)
+    opt = make(m)
+    losses = [train_step(m, opt, X, X @ w_star, crit)['loss'] for _ in range(steps)]
+    return losses, (m.weight.detach()[0] - w_star).abs().max().item(), torch.linalg.eigvalsh(X.T @ X / 64).max().item()
