@@ -46,13 +46,20 @@ notebook: install
 plotlyjs: install
 	$(BIN)/python -c "from secondorder_cnn.landscape import plotlyjs; plotlyjs('nbs')"
 
-# the site's pages in headless Chromium: figures drawn, 3D scenes turn, nothing fetched from the internet
+# the site's pages in headless Chromium, without Quarto: no doc-build cell trains, links find their ids, figures
+# drawn, 3D scenes turn, nothing fetched from the internet
 site-check: install plotlyjs
 	CHROMIUM="$(CHROMIUM)" $(BIN)/python tools/site_check.py
 
+# the site with Quarto, in _docs/, then its pages checked offline in Chromium. nbdev_docs writes README.md its own
+# way (nbdev_readme): it is written again as `make readme` writes it. Quarto runs tools/offline_site.py with this Python
 docs: install plotlyjs
-	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; \
-	else echo "the site needs Quarto (https://quarto.org/docs/get-started/): running site-check instead"; $(MAKE) --no-print-directory site-check; fi
+	@if command -v quarto >/dev/null; then \
+	  QUARTO_PYTHON="$(abspath $(BIN)/python)" $(BIN)/nbdev_docs && $(README_MD) > README.md && \
+	  if [ -n "$(CHROMIUM)" ]; then CHROMIUM="$(CHROMIUM)" $(BIN)/python tools/site_check.py --site _docs; \
+	  else echo "no Chromium: the offline check of _docs/ (tools/site_check.py --site _docs) was skipped"; fi; \
+	else echo "the site needs Quarto (https://quarto.org/docs/get-started/): running site-check instead"; \
+	  $(MAKE) --no-print-directory site-check; fi
 
 bench: install
 	$(BIN)/python benchmarks/data.py

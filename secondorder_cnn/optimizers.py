@@ -267,7 +267,7 @@ def newton_schulz(G:Tensor, # a matrix
                   steps:int=5, # iterations
                   dtype:torch.dtype=torch.bfloat16, # precision of the iterations
                   eps:float=1e-7) -> Tensor: # floor of $\lVert G\rVert_F$
-    "$U S' V^\top$ for $G = U S V^\top$, $S' \approx I$: `steps` quintic Newton–Schulz iterations"
+    r"$U S' V^\top$ for $G = U S V^\top$, $S' \approx I$: `steps` quintic Newton–Schulz iterations"
     a, b, c = NS_COEFS
     X = G.to(dtype, copy=True)
     if G.size(0) > G.size(1): X = X.T  # the Gram matrix of the short side is the small one

@@ -46,3 +46,13 @@ def test_lines_fit_in_120_characters():
     long = [f'{p.name}:{i}' for p in PKG.glob('*.py') if p.name != '_modidx.py'
             for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120 and i not in all_lines(p)]
     assert not long, long
+
+
+@pytest.mark.parametrize('module', list(FLOORS))
+def test_docstrings_hold_no_control_characters(module):
+    "A docstring with TeX in a plain string loses its backslashes: `\\top` becomes a tab, `\\approx` a bell"
+    tree = ast.parse((PKG/f'{module}.py').read_text())
+    docs = [(n.name, ast.get_docstring(n, clean=False)) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    bad = [name for name, d in docs if d and any(c in d for c in '\t\a\b\f\v\r')]
+    assert not bad, f"{module}: docstrings with control characters (write them as r-strings): {bad}"
