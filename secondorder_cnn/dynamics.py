@@ -13,11 +13,12 @@ from .data import (TensorLoader, check_choice, check_dataset, check_float, check
 from .hessian import HessianOperator, layer_names
 from .model import LeNet5, evaluate, to_device
 from .optimizers import OPTIMIZERS, make_optimizer, train_step
-from .runs import (Tracker, check_out, command, for_each_run, hessian_subset, load_json, parse_lr,
-                                  parse_names, parse_seed, signature_defaults, write_json)
+from .runs import (Tracker, check_out, command, for_each_run, hessian_subset, load_json, lock_run,
+                                  parse_lr, parse_names, parse_seed, signature_defaults, unlock, write_json)
 
 # %% auto #0
-__all__ = ['METHODS', 'LRS', 'eos_summary', 'edge_of_stability', 'to_low_loss', 'layer_curvature', 'layers_cmd', 'edge_cmd']
+__all__ = ['METHODS', 'LRS', 'eos_summary', 'lr_text', 'edge_of_stability', 'to_low_loss', 'layer_curvature', 'layers_cmd',
+           'edge_cmd']
 
 # %% ../nbs/08_dynamics.ipynb #08f914be
 def eos_summary(records:list[dict]) -> dict:
@@ -49,11 +50,18 @@ def _edge_run(dataset:str, x, y, method:str, lr:float, steps:int, every:int, tra
             status = 'diverged'
             break
         tracker(model, opt, step, out)
+        if tracker.diverged is not None:  # the Hessian is no longer finite: the run has diverged
+            status = 'diverged'
+            break
         loss = out['loss']
         if loss < target_loss: break
     seconds = time.perf_counter() - t0 - sum(r['seconds'] for r in tracker.records[1:])  # training alone
     return dict(status=status, steps=step, final_loss=loss, train_seconds=seconds, **tracker.summary(),
                 summary=eos_summary(tracker.records))
+
+def lr_text(lr:float) -> str:
+    "`lr` as short as it reads exactly: '0.1', '50', '0.1000001' (its run's folder is `lr<text>`)"
+    return g if float(g := f'{lr:g}') == lr else repr(lr)
 
 def edge_of_stability(out='results/edge', # results folder
                       dataset:str='fashion_mnist', # whose training subset is the full batch
@@ -69,7 +77,7 @@ def edge_of_stability(out='results/edge', # results folder
     check_dataset(dataset)
     methods = [check_choice(m, tuple(METHODS), 'method') for m in parse_names(methods)]
     if not methods: raise ValueError("methods is empty: give at least one of 'gd', 'momentum', 'adam'")
-    lrs = None if lrs is None else [parse_lr(v) for v in parse_names(lrs)]
+    lrs = None if lrs is None else list(dict.fromkeys(parse_lr(v) for v in parse_names(lrs)))  # once each
     if lrs == []: raise ValueError("lrs is empty: give at least one step size, or none for the defaults")
     for v, k, lo in ((n, 'samples', 1), (steps, 'steps', 1), (every, 'every', 1), (trace, 'trace', 0)):
         check_int(v, k, lo)
@@ -81,16 +89,22 @@ def edge_of_stability(out='results/edge', # results folder
     done = []
     for m in methods:
         for lr in (LRS[m] if lrs is None else lrs):
-            f, config = out/dataset/m/f'lr{lr:g}'/'dynamics.json', settings | dict(method=m, lr=lr)
+            f, config = out/dataset/m/f'lr{lr_text(lr)}'/'dynamics.json', settings | dict(method=m, lr=lr)
             if not force and f.exists() and load_json(f, 'config')['config'] == config:
-                log(f"{m} lr {lr:g}: present, skipped")
+                log(f"{m} lr {lr_text(lr)}: present, skipped")
                 done.append(load_json(f, 'config'))
                 continue
-            r = dict(config=config, **_edge_run(dataset, x, y, m, lr, steps, every, trace, target_loss, seed))
-            write_json(r, f)
+            if (lock := lock_run(f.parent, 'edge')) is None:
+                log(f"{m} lr {lr_text(lr)}: being computed by another process, skipped")
+                continue
+            try:
+                r = dict(config=config, **_edge_run(dataset, x, y, m, lr, steps, every, trace, target_loss, seed))
+                write_json(r, f)
+            finally: unlock(lock)
             s = r['summary']
             first = 'never' if s['first_crossing'] is None else f"at step {s['first_crossing']}"
-            log(f"{m} lr {lr:g}: {r['status']}, {r['steps']} steps, {s['sharpness']} reaches its threshold {first}"
+            log(f"{m} lr {lr_text(lr)}: {r['status']}, {r['steps']} steps, {s['sharpness']} reaches its threshold "
+                f"{first}"
                 + ('' if s['median_ratio'] is None else f", median ratio after {s['median_ratio']:.2f}"))
             done.append(r)
     return done

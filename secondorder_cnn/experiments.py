@@ -52,6 +52,9 @@ def plan(preset:str='quick', # a key of `PRESETS`
     if epochs is not None: check_int(epochs, 'epochs')
     bs = check_int(p['bs'] if bs is None else bs, 'bs')
     lr = None if lr is None else parse_lr(lr)
+    if epochs is None and isinstance(p['epochs'], dict) and (other := [d for d in dsets if d not in p['epochs']]):
+        raise ValueError(f"preset {preset!r} gives epochs for {', '.join(p['epochs'])} only, not {', '.join(other)}: "
+                         "give epochs (--epochs)")
     n_epochs = lambda d: epochs or (p['epochs'][d] if isinstance(p['epochs'], dict) else p['epochs'])
     if track is not None: parse_track(track)
     return [Run(d, o, s, n_epochs(d), bs, lr, track) for d in dsets for o in opts for s in seeds]

@@ -15,7 +15,7 @@ from .data import (
 from .model import check_model
 
 # %% auto #0
-__all__ = ['PROBES', 'hvp', 'Result', 'layer_names', 'block_params', 'HessianOperator', 'probe', 'hutchinson_diag']
+__all__ = ['PROBES', 'hvp', 'Result', 'layer_names', 'block_params', 'NotFinite', 'HessianOperator', 'probe', 'hutchinson_diag']
 
 # %% ../nbs/02_hessian.ipynb #a7e3c9d1
 def hvp(grads:list[Tensor], # gradients of the loss, built with `create_graph=True`
@@ -88,6 +88,9 @@ def block_params(model:nn.Module,
     return [p for _, p in named if id(p) in chosen]
 
 # %% ../nbs/02_hessian.ipynb #ea01824e
+class NotFinite(ValueError):
+    "Weights, Hessian-vector products or an estimate that are NaN or inf: where training diverged, a result"
+
 class HessianOperator:
     "Hessian, in `model`'s trainable parameters, of `criterion`'s mean loss on `data=(x, y)` or over a `dataloader`"
     def __init__(self, model:nn.Module, criterion, data:tuple|None=None, dataloader=None, progress:bool=False,
@@ -99,9 +102,9 @@ class HessianOperator:
             raise ValueError(f"dataloader {describe(dataloader)} must be a list of batches or a DataLoader, "
                              "which every product goes through again")
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad: raise ValueError(f"model holds weights that are not finite (NaN or inf): {', '.join(bad)}")
+        if bad: raise NotFinite(f"model holds weights that are not finite (NaN or inf): {', '.join(bad)}")
         self.batches = [data] if data is not None else dataloader
-        self.params, self.scale, self.root = block_params(model, params), None, None
+        self.params, self.scale, self.root, self.gain = block_params(model, params), None, None, 1.0
         if not self.params:
             raise ValueError("the model has no parameter that requires grad" if params is None else
                              f"params {describe(params)} selects no trainable parameter")
@@ -191,7 +194,7 @@ def _mv(self:HessianOperator, v:Tensor) -> Tensor:
     hv = torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], -1).detach()
     hv = self._pre(hv)
     if not torch.isfinite(hv).all():
-        raise ValueError("the Hessian-vector products are not finite (NaN or inf): a batch holds NaN or inf, "
+        raise NotFinite("the Hessian-vector products are not finite (NaN or inf): a batch holds NaN or inf, "
                          "or the loss overflows")
     return hv
 
@@ -200,7 +203,7 @@ def hvp(self:HessianOperator, v:list[Tensor]) -> list[Tensor]:
     "$Hv$ for `v` a list of tensors shaped like the parameters"
     v = self._flat(v)
     if not torch.isfinite(v).all(): raise ValueError("v holds values that are not finite (NaN or inf)")
-    return self._unflat(self._mv(v))
+    return self._unflat(self._mv(v) * self.gain)
 
 # %% ../nbs/02_hessian.ipynb #1b30c63b
 @patch
@@ -212,7 +215,7 @@ def dense(self:HessianOperator, max_params:int=10_000, chunk:int=64) -> Tensor:
         raise ValueError(f"a dense Hessian of {self.n:,} parameters is too large; "
                          f"allowed up to max_params={max_params:,}")
     I = torch.eye(self.n, dtype=self.params[0].dtype, device=self.device)
-    return torch.cat([self._mv(e) for e in I.split(chunk)])  # H is symmetric: rows are columns
+    return torch.cat([self._mv(e) for e in I.split(chunk)]) * self.gain  # H is symmetric: rows are columns
 
 # %% ../nbs/02_hessian.ipynb #fb2593f6
 @patch
@@ -310,6 +313,7 @@ def eigenvalues(self:HessianOperator,
             worst = max(r / abs(e) for r, e in zip(res, eigs))
             warnings.warn(f"Lanczos stopped at max_iter={max_iter} with relative residuals up to {worst:.1e} "
                           f"> tol={tol:g}")
+    eigs, res = [e * self.gain for e in eigs], [r * self.gain for r in res]
     return Result(eigs, [self._unflat(v) for v in vecs], residuals=res, n_hvp=self.n_hvp - n0, converged=converged)
 
 # %% ../nbs/02_hessian.ipynb #c1800d4f
@@ -325,15 +329,16 @@ def sharpness(self:HessianOperator,
     if v0 is None: v = self._randn(torch.Generator().manual_seed(check_seed(seed)))
     else:
         v = self._flat(v0, 'v0').to(self.params[0])
-        if not (torch.isfinite(v).all() and v.norm() > 0): raise ValueError("v0 must be finite and not zero")
+        if not (torch.isfinite(v).all() and v.abs().max() > 0): raise ValueError("v0 must be finite and not zero")
+        v = v / v.abs().max()  # its norm, computed next, cannot overflow
     n0 = self.n_hvp
     a, b, V = self._lanczos(v, max_iter, 1, 'largest', tol)
     theta, S = _ritz(a, b)
     u = V.T @ S[:, -1].to(V)
     res = b[-1] * S[-1, -1].abs().item()
     converged = res <= tol * abs(theta[-1].item()) or len(a) == self.n
-    return Result(theta[-1].item(), self._unflat(u / u.norm()), n_hvp=self.n_hvp - n0, residual=res,
-                  converged=converged)
+    return Result(theta[-1].item() * self.gain, self._unflat(u / u.norm()), n_hvp=self.n_hvp - n0,
+                  residual=res * self.gain, converged=converged)
 
 # %% ../nbs/02_hessian.ipynb #2eb2c049
 @patch
@@ -350,9 +355,13 @@ def preconditioned(self:HessianOperator,
         op.root = P
         return op
     if self.root is not None: raise ValueError("the operator is preconditioned by a map already: P must be that map")
-    p = self._flat(P, 'P').to(self.params[0])
-    if not (torch.isfinite(p).all() and (p > 0).all()): raise ValueError("P must hold finite numbers > 0")
-    op.scale = p.rsqrt() if self.scale is None else self.scale * p.rsqrt()
+    p = self._flat(P, 'P').double()
+    if not torch.isfinite(p).all(): raise NotFinite("P must hold finite numbers > 0: it holds NaN or inf")
+    if not (p > 0).all(): raise ValueError("P must hold finite numbers > 0")
+    s = p.rsqrt()
+    c = s.max().item()  # P^{-1/2} = c S with S <= 1: products with S, and every result times `gain` = c²
+    s = (s / c).to(self.params[0])
+    op.scale, op.gain = s if self.scale is None else self.scale * s, self.gain * c * c
     return op
 
 # %% ../nbs/02_hessian.ipynb #d9c99bb2
@@ -414,10 +423,10 @@ def trace(self:HessianOperator,
         n = len(samples)
         if rtol is not None and n >= 10 and _stderr(samples) <= rtol * abs(exact + sum(samples) / n): break
     if not samples: raise ValueError(f"max_hvp={max_hvp} leaves no product for sampling")
-    est = exact + sum(samples) / len(samples)
+    est = (exact + sum(samples) / len(samples)) * self.gain
     if not math.isfinite(est):
-        raise ValueError(f"the trace estimate {est} is not finite: the Hessian-vector products are too large")
-    return Result(est, _stderr(samples), n_hvp=self.n_hvp - n0, samples=samples)
+        raise NotFinite(f"the trace estimate {est} is not finite: the Hessian-vector products are too large")
+    return Result(est, _stderr(samples) * self.gain, n_hvp=self.n_hvp - n0, samples=[s * self.gain for s in samples])
 
 def _stderr(s:list[float]) -> float:
     "Standard error of the mean of the samples `s`"
@@ -459,7 +468,7 @@ def density(self:HessianOperator,
     for r in range(n_runs):
         a, b, _ = self._lanczos(self._randn(g), n_iter, desc=f'SLQ run {r + 1}/{n_runs}')
         theta, S = _ritz(a, b)
-        nodes.append(theta)
+        nodes.append(theta * self.gain)
         weights.append(S[0]**2)
     lo, hi = min(t.min().item() for t in nodes), max(t.max().item() for t in nodes)
     sigma = sigma or max(hi - lo, 1e-12) / 200

@@ -15,7 +15,7 @@ from torch import nn, Tensor
 from . import __version__
 from .data import (DATASETS, MAX_SEED, check_choice, check_dataset, check_float, check_int, describe,
                                   get_dls, load_tensors, resolve_device, stratified_subset, write_atomic)
-from .hessian import HessianOperator
+from .hessian import HessianOperator, NotFinite
 from .model import LeNet5, evaluate, n_params, to_device
 from .optimizers import (OPTIMIZERS, PRECONDITIONED, make_optimizer, preconditioner,
                                         stability_threshold, train_step)
@@ -383,11 +383,21 @@ class Tracker:
                  criterion=F.cross_entropy):
         self.x, self.y, self.every, self.trace = x, y, check_int(every, 'every'), check_int(trace, 'trace', 0)
         self.max_iter, self.tol = check_int(max_iter, 'max_iter'), check_float(tol, 'tol', 0, lo_open=True)
-        self.criterion, self.v, self.v_pre, self.records = criterion, None, None, []
+        self.criterion, self.v, self.v_pre, self.records, self.diverged = criterion, None, None, [], None
 
     def __call__(self, model:nn.Module, opt, step:int, out:dict|None=None):
-        if step % self.every: return
+        if step % self.every or self.diverged is not None: return
         t0 = time.perf_counter()
+        try: r, n_hvp = self.measure(model, opt, step, out)
+        except NotFinite: r, n_hvp = None, 0
+        if r is None or any(isinstance(v, float) and not math.isfinite(v) for v in r.values()):
+            self.diverged = step  # a result: the last measurement, and none after it
+            loss = None if out is None or not math.isfinite(out['loss']) else out['loss']
+            r = dict(step=step, loss=loss, diverged=True)
+        self.records.append(r | dict(n_hvp=n_hvp, seconds=time.perf_counter() - t0))
+
+    def measure(self, model:nn.Module, opt, step:int, out:dict|None=None) -> tuple[dict, int]:
+        "One measurement at `step` and the products it took; `NotFinite` where the Hessian is"
         H = HessianOperator(model, self.criterion, data=(self.x, self.y))
         lam = H.sharpness(self.v, self.max_iter, self.tol)
         self.v, n_hvp, pre = lam[1], H.n_hvp, isinstance(opt, PRECONDITIONED)
@@ -404,12 +414,13 @@ class Tracker:
             tr = H.trace(max_hvp=self.trace)
             r |= dict(trace=tr[0], trace_stderr=tr[1] if math.isfinite(tr[1]) else None)
             n_hvp += tr.n_hvp
-        self.records.append(r | dict(n_hvp=n_hvp, seconds=time.perf_counter() - t0))
+        return r, n_hvp
 
     def summary(self) -> dict:
         "The settings, the measurements, and their total cost"
         return dict(every=self.every, samples=len(self.y), trace=self.trace, max_iter=self.max_iter, tol=self.tol,
-                    n_measurements=len(self.records), n_hvp=sum(r['n_hvp'] for r in self.records),
+                    diverged_at=self.diverged, n_measurements=len(self.records),
+                    n_hvp=sum(r['n_hvp'] for r in self.records),
                     seconds=sum(r['seconds'] for r in self.records), records=self.records)
 
 # %% ../nbs/04_runs.ipynb #312e43bf
@@ -454,13 +465,14 @@ def backend(workers:int|None=None, # tasks side by side on a local Ray cluster o
     return BACKENDS[name](workers=workers, address=address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task)
 
 # %% ../nbs/04_runs.ipynb #ff3c4c52
-def lock_run(folder:Path, name:str='run'):
+def lock_run(folder:Path, name:str='run',
+             wait:bool=False): # until the process that holds it lets it go
     "The open lock file `folder/.<name>.lock`, exclusively `flock`ed by this process; None if another process holds it"
     f = Path(folder)/f'.{name}.lock'
     f.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = open(f, 'a')
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fd.close()
             return None

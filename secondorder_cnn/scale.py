@@ -10,17 +10,17 @@ from itertools import islice
 from pathlib import Path
 import torch
 from torch import Tensor
-from .data import (TensorLoader, check_choice, check_float, check_int, load_tensors, resolve_device,
-                                  stratified_subset)
+from .data import (TensorLoader, check_choice, check_float, check_int, is_int, load_tensors,
+                                  resolve_device, stratified_subset)
 from .model import LeNet5, to_device
 from .optimizers import OPTIMIZERS
 from .runs import (BACKENDS, FinishedRun, Run, backend, check_out, check_writable, command, load_json,
-                                  parse_seed, train, write_json)
+                                  lock_run, parse_seed, train, unlock, write_json)
 from .experiments import plan, run_grid, summarize
 
 # %% auto #0
 __all__ = ['SEARCH', 'VALID_FRACTION', 'VALID_SEED', 'check_address', 'ray_backend', 'search_space', 'validation_split',
-           'search_config', 'search', 'tune_study', 'tuned_table', 'tune_cmd']
+           'search_config', 'load_best', 'search', 'tune_study', 'tuned_table', 'tune_cmd']
 
 # %% ../nbs/09_scale.ipynb #b6862c05
 def check_address(address:str, # 'auto', 'HOST:PORT' (the head's GCS port, 6379 by default) or 'ray://HOST:PORT'
@@ -214,6 +214,29 @@ def _stale(folder:Path, wanted:dict) -> str|None:
     diff = [f"{k}: {old.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if old.get(k) != v]
     return '; '.join(diff) or None
 
+def _clear(folder:Path, keep:tuple=()) -> int:
+    "Remove what `folder` holds but its locks and `keep`; how many entries"
+    left = [f for f in Path(folder).glob('*') if f.name not in keep and not f.name.startswith('.')]
+    for f in left: shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+    return len(left)
+
+def load_best(f:Path, force:bool=False) -> dict:
+    "The searches in `best.json` (`f`) by optimizer: {} if there is none (or, with `force`, a corrupt one); checked"
+    if not Path(f).exists(): return {}
+    num = lambda v, lo=-math.inf: isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v < math.inf
+    def ok(o, b):
+        s = b.get('settings') if isinstance(b, dict) else None
+        return (o in SEARCH and isinstance(s, dict) and num(s.get('lr'), 0) and set(s) <= {'lr', *SEARCH[o]}
+                and all(num(v) for v in s.values()) and num(b.get('valid_acc'), -1e-9) and b['valid_acc'] <= 1
+                and is_int(b.get('trials')) and b['trials'] >= 1 and isinstance(b.get('search'), dict))
+    try:
+        bests = load_json(f, 'optimizers')['optimizers']
+        if not isinstance(bests, dict) or not all(ok(o, b) for o, b in bests.items()): raise ValueError
+    except ValueError:
+        if force: return {}
+        raise ValueError(f"{f} is corrupt: delete it, or rerun with --force") from None
+    return bests
+
 def _best(grid, epochs:int, name:str) -> dict:
     "The best trial of a finished search, and how many ran, stopped early and diverged"
     if grid.errors:
@@ -232,7 +255,7 @@ def search(dataset:str, optimizer:str, out, trials:int=16, epochs:int=10, bs:int
            device=None, cpus_per_task:int=1, gpus_per_task:float=0.,
            most:int|None=None, # trials at once, at most
            log=print) -> dict:
-    "Search `optimizer`'s settings on the validation split of `dataset` with Ray Tune, or resume it; the best"
+    "Search `optimizer`'s settings on the validation split of `dataset` with Ray Tune, from the start; the best"
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -244,20 +267,18 @@ def search(dataset:str, optimizer:str, out, trials:int=16, epochs:int=10, bs:int
     trainable = tune.with_resources(
         tune.with_parameters(_trial, data=data, dataset=dataset, optimizer=optimizer, epochs=epochs, bs=bs, seed=seed,
                              device=device, threads=cpus_per_task), dict(cpu=cpus_per_task, gpu=gpus_per_task))
-    if tune.Tuner.can_restore(folder):
-        log(f"{name}: resuming the search in {folder}")
-        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        log(f"{name}: searching {trials} settings on {len(va)} validation samples, {epochs} epochs each")
-        write_json(wanted, folder/'search.json')
-        asha = ASHAScheduler(metric='valid_acc', mode='max', max_t=epochs, grace_period=_ASHA['grace_period'],
-                             reduction_factor=_ASHA['reduction_factor'])
-        tuner = tune.Tuner(trainable, param_space=search_space(optimizer),
-            tune_config=tune.TuneConfig(num_samples=trials, scheduler=asha, max_concurrent_trials=most,
-                                        search_alg=BasicVariantGenerator(random_state=seed), reuse_actors=True),
-            run_config=tune.RunConfig(name=optimizer, storage_path=str(folder.parent), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=3),
-                                      callbacks=[_trial_log(name)] if log else None))
+    if left := _clear(folder, keep=('search.json',)):
+        log(f"{name}: the search interrupted in {folder} starts again ({left} files of Tune's removed, unread)")
+    log(f"{name}: searching {trials} settings on {len(va)} validation samples, {epochs} epochs each")
+    write_json(wanted, folder/'search.json')
+    asha = ASHAScheduler(metric='valid_acc', mode='max', max_t=epochs, grace_period=_ASHA['grace_period'],
+                         reduction_factor=_ASHA['reduction_factor'])
+    tuner = tune.Tuner(trainable, param_space=search_space(optimizer),
+        tune_config=tune.TuneConfig(num_samples=trials, scheduler=asha, max_concurrent_trials=most,
+                                    search_alg=BasicVariantGenerator(random_state=seed), reuse_actors=True),
+        run_config=tune.RunConfig(name=optimizer, storage_path=str(folder.parent), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=3),
+                                  callbacks=[_trial_log(name)] if log else None))
     best = _best(tuner.fit(), epochs, name)
     log(f"{name}: best of {best['trials']} trials: {_settings_text(best['settings'])}, "
         f"validation acc {best['valid_acc']:.2%}")
@@ -277,30 +298,46 @@ def tune_study(out='results', preset:str='fmnist', datasets=None, optimizers=Non
     check_int(trials, 'trials')
     if workers is not None: check_int(workers, 'workers')
     seed, out, ray, log = parse_seed(seed), check_out(out), _ray(), log or (lambda s: None)
+    if device is not None: resolve_device(device)  # here, before a cluster starts
     n = workers or (None if address else os.cpu_count())
     tasks = backend(n, address, cpus_per_task, gpus_per_task)  # checks the options, and the address answers
     searches = {(r.dataset, r.optimizer): search_config(r.dataset, r.optimizer, trials, r.epochs, r.bs, seed)
                 for r in runs}
     files = {d: out/'tune'/d/'best.json' for d, _ in searches}
-    bests = {d: {} if force or not f.exists() else load_json(f, 'optimizers')['optimizers'] for d, f in files.items()}
-    todo = []
+    bests = {d: load_best(f, force) for d, f in files.items()}
+    done = lambda d, o: not (force and (d, o) in redone) and bests[d].get(o, {}).get('search') == searches[d, o]
+    redone, todo = set(), []
     for (d, o), wanted in searches.items():
-        if bests[d].get(o, {}).get('search') == wanted: log(f"{d}/{o}: search finished, skipped")
+        if done(d, o): log(f"{d}/{o}: search finished, skipped")
         elif not force and (diff := _stale(out/'tune'/d/o, wanted)):
             raise ValueError(f"{out/'tune'/d/o} holds a search with other settings ({diff}); "
                              "rerun with --force, or choose another --out")
         else: todo.append((d, o))
-    check_writable(*files.values())
+    redone = set(todo) if force else set()
+    check_writable(*files.values(), *[out/'tune'/d/o/'search.json' for d, o in todo])
     started = bool(todo) and not ray.is_initialized()
     if started: _init(ray, n, address, log)
     try:
         if todo: _slots(ray, cpus_per_task, gpus_per_task)
         for d, o in todo:
-            w = searches[d, o]
-            if force: shutil.rmtree(out/'tune'/d/o, ignore_errors=True)
-            bests[d][o] = search(d, o, out, trials, w['epochs'], w['bs'], seed, device, cpus_per_task, gpus_per_task,
-                                 n if address else None, log)
-            write_json(dict(dataset=d, validation=w['validation'], optimizers=bests[d]), files[d])
+            w, folder = searches[d, o], out/'tune'/d/o
+            if (lock := lock_run(folder, 'search')) is None:  # another driver searches it: its result, when it ends
+                log(f"{d}/{o}: searched by another process: waiting for it")
+                lock = lock_run(folder, 'search', wait=True)
+            try:
+                bests[d] = load_best(files[d], force)
+                if bests[d].get(o, {}).get('search') == w and (d, o) not in redone:
+                    log(f"{d}/{o}: search finished by another process"); continue
+                if (d, o) in redone: _clear(folder)
+                best = search(d, o, out, trials, w['epochs'], w['bs'], seed, device, cpus_per_task, gpus_per_task,
+                              n if address else None, log)
+                redone.discard((d, o))
+                held = lock_run(out/'tune'/d, 'best', wait=True)
+                try:  # what other drivers wrote meanwhile is kept
+                    bests[d] = load_best(files[d], force) | {o: best}
+                    write_json(dict(dataset=d, validation=w['validation'], optimizers=bests[d]), files[d])
+                finally: unlock(held)
+            finally: unlock(lock)
         def tuned(r:Run) -> Run:
             chosen = dict(bests[r.dataset][r.optimizer]['settings'])
             return Run(r.dataset, r.optimizer, r.seed, r.epochs, r.bs, chosen.pop('lr'), overrides=chosen, tuned=True)
