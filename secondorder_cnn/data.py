@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #bbe81dee
 from __future__ import annotations
-import gzip, importlib.util, math, os, shutil
+import gzip, importlib.util, math, os, reprlib, shutil
 from functools import partial
 from pathlib import Path
 import numpy as np, torch
@@ -32,12 +32,16 @@ def check_dataset(name:str) -> str:
     return name
 
 # %% ../nbs/00_data.ipynb #c1a0d7e3
+_SHORT = reprlib.Repr()  # a repr cut at each level before it is built: short for any size or depth
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 4, 90, 90, 90
+for k in ('maxtuple', 'maxlist', 'maxarray', 'maxdict', 'maxset', 'maxfrozenset', 'maxdeque'): setattr(_SHORT, k, 12)
+
 def describe(x) -> str:
     "`x` as an error message shows it: a tensor or an array by its dtype and shape, anything else by its short `repr`"
     if isinstance(x, (Tensor, np.ndarray)):
         kind = 'tensor' if isinstance(x, Tensor) else 'array'
         return f"<{str(x.dtype).removeprefix('torch.')} {kind} of shape {tuple(x.shape)}>"
-    r = repr(x)
+    r = _SHORT.repr(x)
     return r if len(r) <= 80 else r[:77] + '...'
 
 def is_int(x) -> bool:

@@ -13,7 +13,7 @@ from .data import (TensorLoader, check_choice, check_dataset, check_float, check
 from .hessian import HessianOperator, layer_names
 from .model import LeNet5, evaluate, to_device
 from .optimizers import OPTIMIZERS, make_optimizer, train_step
-from .runs import (Tracker, check_out, command, for_each_run, hessian_subset, load_json, lock_run,
+from .runs import (KINDS, SCHEMAS, Tracker, check_out, command, for_each_run, hessian_subset, load_json, lock_run,
                                   parse_lr, parse_names, parse_seed, signature_defaults, unlock, write_json)
 
 # %% auto #0
@@ -160,6 +160,10 @@ def to_low_loss(out='results/low_loss', # results folder: `<out>/<dataset>/<opti
     return done
 
 # %% ../nbs/08_dynamics.ipynb #4b3a8dcb
+KINDS['layers'] = lambda v: isinstance(v, dict) and len(v) > 0 and all(
+    isinstance(r, dict) and KINDS['number'](r.get('lambda1')) and KINDS['number'](r.get('trace')) for r in v.values())
+SCHEMAS['layers'] = dict(layers='layers', n_hvp='int', n_samples='int')
+
 def layer_curvature(model:nn.Module, x, y,
                     max_iter:int=100, # Lanczos steps for λ1, at most
                     tol:float=1e-3, # relative residual at which Lanczos stops

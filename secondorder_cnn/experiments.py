@@ -13,7 +13,7 @@ from .data import (DATASETS, check_choice, check_dataset, check_int, load_tensor
                                   write_atomic)
 from .hessian import HessianOperator
 from .optimizers import OPTIMIZERS
-from .runs import (FinishedRun, Run, backend, check_out, command, finished, finished_runs,
+from .runs import (SCHEMAS, FinishedRun, Run, backend, check_out, command, finished, finished_runs,
                                   for_each_run, check_writable, load_metrics, lock_run, parse_lr, parse_names,
                                   parse_seed, parse_seeds, parse_track, serial, signature_defaults, train_run, unlock,
                                   write_run)
@@ -112,6 +112,9 @@ def run_grid(runs:list[Run], out='results', device=None, force:bool=False, progr
     return [results.get(r) for r in runs]
 
 # %% ../nbs/05_experiments.ipynb #b3e3b492
+SCHEMAS['curvature'] = dict(top_eigenvalues='numbers', top_residuals='numbers', smallest_eigenvalue='number',
+                           trace='number', trace_stderr='maybe', esd='dict', n_hvp='int', n_samples='int')
+
 def curvature_of(model:nn.Module, x, y,
                  top_n:int=5, # largest eigenvalues
                  max_iter:int=100, # Lanczos steps for the eigenvalues, at most

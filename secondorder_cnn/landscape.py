@@ -11,7 +11,7 @@ import numpy as np, torch, torch.nn.functional as F
 from torch import nn, Tensor
 from .data import check_choice, check_int, write_atomic
 from .hessian import HessianOperator
-from .runs import (InParts, backend, check_writable, command, for_each_run, parse_seed, select_runs,
+from .runs import (SCHEMAS, InParts, backend, check_writable, command, for_each_run, parse_seed, select_runs,
                                   serial, signature_defaults)
 
 # %% auto #0
@@ -370,6 +370,10 @@ def _join(state:dict, blocks:list) -> dict:
                 random_loss=_finite(rand_loss), random_acc=rand_acc.tolist(), loss_at_weights=_finite(at)[0],
                 n_nonfinite=int((~np.isfinite(loss[:-1])).sum()), seed=state['seed'],
                 seconds=state['seconds'] + sum(b[2] for b in blocks))
+
+SCHEMAS['landscape'] = dict(alphas='numbers', eigenvalues='numbers', loss='grid', acc='grid', v1_loss='values',
+                           v1_acc='values', random_loss='values', random_acc='values', loss_at_weights='maybe',
+                           n_samples='int')
 
 LANDSCAPE_BLOCK = 32 # grid points per task: a second or two of work each at 2,000 samples
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_original.ipynb #f2a74de4
 from __future__ import annotations
-import collections, hashlib, io, math, os, pickle, pickletools, warnings
+import collections, hashlib, io, math, os, pickle, pickletools, stat, warnings
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -17,8 +17,9 @@ from .runs import (FinishedRun, Run, check_out, check_writable, clear_run_folder
                                   save_model, write_json)
 
 # %% auto #0
-__all__ = ['ALLOWED', 'DATASET_NAMES', 'OPTIMIZER_NAMES', 'CURVES', 'ORIGINAL_SEED', 'ORIGINAL_BS', 'pickle_globals',
-           'OriginalUnpickler', 'read_original', 'import_original', 'import_original_cmd', 'accuracy_on']
+__all__ = ['ALLOWED', 'MAX_DEPTH', 'MAX_OBJECTS', 'DATASET_NAMES', 'OPTIMIZER_NAMES', 'CURVES', 'MAX_BYTES', 'ORIGINAL_SEED',
+           'ORIGINAL_BS', 'pickle_globals', 'OriginalUnpickler', 'check_extent', 'read_bytes', 'read_original',
+           'import_original', 'import_original_cmd', 'accuracy_on']
 
 # %% ../nbs/07_original.ipynb #128b2f33
 def pickle_globals(data:bytes) -> collections.Counter:
@@ -103,6 +104,23 @@ class OriginalUnpickler(pickle.Unpickler):
         return ALLOWED[module, name]
 
 # %% ../nbs/07_original.ipynb #6b0d549b
+MAX_DEPTH, MAX_OBJECTS = 32, 1_000_000  # a results file nests 8 deep and holds some 2,000 objects
+
+def check_extent(obj, f):
+    "`obj` if it nests at most `MAX_DEPTH` deep and holds at most `MAX_OBJECTS` objects, counting each reference"
+    stack, n = [(obj, 1)], 0
+    while stack:  # iterative, and counting shared objects once per reference: a recursive repr of it would be
+        o, d = stack.pop()
+        if (n := n + 1) > MAX_OBJECTS:
+            raise ValueError(f"{f} holds more than {MAX_OBJECTS:,} objects (counted once per reference): "
+                             "not a results file of the original study")
+        if d > MAX_DEPTH:
+            raise ValueError(f"{f} nests deeper than {MAX_DEPTH} levels: not a results file of the original study")
+        if isinstance(o, _Pickled): o = getattr(o, 'state', None)
+        kids = [*o.keys(), *o.values()] if isinstance(o, dict) else o if isinstance(o, (list, tuple, set)) else ()
+        stack.extend((k, d + 1) for k in kids)
+    return obj
+
 def _unpickle(data:bytes, f):
     "The object pickled in `data` (the bytes of file `f`), built by `OriginalUnpickler`, else a one-line `ValueError`"
     buf = io.BytesIO(data)
@@ -116,7 +134,7 @@ def _unpickle(data:bytes, f):
         first = (str(e).splitlines() or [''])[0]
         raise ValueError(f"{f} is not a results file of the original study ({type(e).__name__}: {first})") from None
     if buf.tell() != len(data): raise ValueError(f"{f} has {len(data) - buf.tell()} bytes after the end of its pickle")
-    return obj
+    return check_extent(obj, f)
 
 # %% ../nbs/07_original.ipynb #11e20b8f
 DATASET_NAMES = {'MNIST': 'mnist', 'Fashion_MNIST': 'fashion_mnist', 'CIFAR': 'cifar10'}
@@ -190,10 +208,26 @@ def _results(data:bytes, f) -> dict:
             out[ds, opt] = dict(model=_model(r['model'], ds, lambda why: bad(f'{where}: {why}')), **curves)
     return out
 
+MAX_BYTES = 64 * 2**20  # each results file of the original study is about 1 MB
+
+def read_bytes(f) -> bytes:
+    "The bytes of the results file `f`, if it is a regular file of at most `MAX_BYTES`: never a FIFO or a device"
+    if not isinstance(f, (str, os.PathLike)) or not str(f):
+        raise ValueError(f"file {describe(f)} must be the path of a results file of the original study")
+    try: st = os.stat(f)
+    except OSError as e: raise ValueError(f"cannot read {str(f)!r}: {(e.strerror or str(e)).lower()}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{f} is not a regular file (a folder, a FIFO or a device): give a results file")
+    if st.st_size > MAX_BYTES:
+        raise ValueError(f"{f} is {st.st_size:,} bytes: a results file of the original study is about 1 MB, "
+                         f"and at most {MAX_BYTES:,} are read")
+    with open(f, 'rb') as fh: data = fh.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES: raise ValueError(f"{f} grew past {MAX_BYTES:,} bytes while it was read")
+    return data
+
 def read_original(f) -> dict:
     "`{(dataset, optimizer): dict(model, training_losses, ...)}` of the original's results file `f`; models are ours"
-    if not isinstance(f, (str, os.PathLike)): raise ValueError(f"file {describe(f)} must be a path: a str or a Path")
-    return _results(Path(f).read_bytes(), f)
+    return _results(read_bytes(f), f)
 
 # %% ../nbs/07_original.ipynb #90c192cf
 ORIGINAL_SEED, ORIGINAL_BS = 12345, 1000
@@ -213,7 +247,8 @@ def _metrics(config:dict, r:dict) -> dict:
 def _check_files(files) -> list[Path]:
     "`files`, one path or a list of them, as distinct `Path`s, else a `ValueError`"
     fs = [files] if isinstance(files, (str, os.PathLike)) else files
-    if not isinstance(fs, (list, tuple)) or not fs or not all(isinstance(f, (str, os.PathLike)) for f in fs):
+    ok = lambda f: isinstance(f, (str, os.PathLike)) and str(f) != ''
+    if not isinstance(fs, (list, tuple)) or not fs or not all(map(ok, fs)):
         raise ValueError(f"files {describe(files)} must be one or more paths of the original study's results files")
     return list(dict.fromkeys(map(Path, fs)))
 
@@ -235,7 +270,7 @@ def import_original(files, # the original study's results files: MNIST_results.d
     out, log = check_out(out), log or (lambda s: None)
     found = {}
     for f in files:
-        data = f.read_bytes()
+        data = read_bytes(f)
         source = dict(study='original study', file=f.name, sha256=hashlib.sha256(data).hexdigest())
         for (ds, opt), r in _results(data, f).items():
             run = _run(ds, opt, len(r['test_accuracies']))

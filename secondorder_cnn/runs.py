@@ -14,18 +14,18 @@ from fastprogress.fastprogress import progress_bar
 from torch import nn, Tensor
 from . import __version__
 from .data import (DATASETS, MAX_SEED, check_choice, check_dataset, check_float, check_int, describe,
-                                  get_dls, load_tensors, resolve_device, stratified_subset, write_atomic)
+                                  get_dls, is_int, load_tensors, resolve_device, stratified_subset, write_atomic)
 from .hessian import HessianOperator, NotFinite
 from .model import LeNet5, evaluate, n_params, to_device
 from .optimizers import (OPTIMIZERS, PRECONDITIONED, make_optimizer, preconditioner,
                                         stability_threshold, train_step)
 
 # %% auto #0
-__all__ = ['BACKENDS', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr', 'Run',
-           'signature_defaults', 'write_json', 'state_bytes', 'save_model', 'load_json', 'load_metrics', 'check_out',
-           'check_writable', 'clear_run_folder', 'train_run', 'write_run', 'run_one', 'finished', 'FinishedRun',
-           'finished_runs', 'select_runs', 'hessian_subset', 'Tracker', 'parse_track', 'serial', 'backend', 'lock_run',
-           'unlock', 'InParts', 'for_each_run', 'command']
+__all__ = ['KINDS', 'SCHEMAS', 'BACKENDS', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr',
+           'Run', 'signature_defaults', 'write_json', 'state_bytes', 'save_model', 'load_json', 'check_schema',
+           'load_metrics', 'check_out', 'check_writable', 'clear_run_folder', 'train_run', 'write_run', 'run_one',
+           'finished', 'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'Tracker', 'parse_track',
+           'serial', 'backend', 'lock_run', 'unlock', 'InParts', 'for_each_run', 'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -172,6 +172,25 @@ def load_json(f:Path, key:str|tuple='status') -> dict:
         raise ValueError(f"{f} is corrupt: delete it, or rerun with --force")
     return obj
 
+def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _nums(v, none:bool=False) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(_num(x) or none and x is None for x in v)
+
+KINDS = dict(  # what a value of a stored measurement may be
+    number=_num, maybe=lambda v: v is None or _num(v), int=is_int, bool=lambda v: isinstance(v, bool),
+    dict=lambda v: isinstance(v, dict), numbers=_nums,
+    values=lambda v: _nums(v, none=True), # None where a loss was not finite
+    grid=lambda v: isinstance(v, list) and len(v) > 0 and all(_nums(r, none=True) for r in v),
+    record=lambda v: isinstance(v, dict) and isinstance(v.get('model_sha256'), str))  # `computed_from`
+SCHEMAS = {}  # the measurement's name → {key: kind}: each module declares its own
+
+def check_schema(obj:dict, schema:dict) -> str|None:
+    "What in `obj` is not as `schema` ({key: a kind of `KINDS`}) says, or None"
+    for k, kind in schema.items():
+        if k not in obj: return f"it lacks {k}"
+        if not KINDS[kind](obj[k]): return f"{k} is {describe(obj[k])}: {kind} expected"
+    return None
+
 _EPOCH = ('epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds')
 _CONFIG = dict(dataset=str, optimizer=str, seed=int, epochs=int, bs=int, settings=dict)
 
@@ -287,9 +306,13 @@ class FinishedRun:
     def result_file(self, what:str) -> Path: return self.folder/f'{what}.json'
 
     def result(self, what:str, key:str) -> dict|None:
-        "The stored `<what>.json` (a `ValueError` if it lacks `key`), or None if there is none"
+        "The stored `<what>.json`, or None if there is none; a `ValueError` unless it is as `SCHEMAS[what]` says"
         f = self.result_file(what)
-        return load_json(f, key) if f.exists() else None
+        if not f.exists(): return None
+        r = load_json(f, key)
+        if why := check_schema(r, SCHEMAS.get(what, {}) | dict(computed_from='record')):
+            raise ValueError(f"{f} is corrupt ({why}): delete it, or rerun with --force")
+        return r
 
     def measurement(self, what:str, key:str) -> dict|None:
         "The stored `<what>.json` if it was computed from the weights the run has now, else None"

@@ -1,5 +1,5 @@
 "Bad input through the command line: one line on stderr, exit code 2, and not one file changed"
-import os, pickle, shutil
+import json, os, pickle, shutil
 from pathlib import Path
 import pytest, torch
 from secondorder_cnn.cli import main
@@ -183,6 +183,30 @@ def test_a_corrupt_result_is_named_and_nothing_is_written(copy, capsys, name, ar
     before = snapshot(copy)
     assert f"{f} is corrupt: delete it, or rerun with --force" in fails([*args, '--out', copy], capsys)
     assert snapshot(copy) == before
+
+
+EDITS = [  # a measurement edited by hand, valid JSON, the SHA-256 of the weights it records still theirs
+    ('curvature.json', dict(top_eigenvalues=[]), 'top_eigenvalues is []: numbers expected'),
+    ('curvature.json', dict(top_eigenvalues=[1.0, 'x']), 'top_eigenvalues is [1.0, \'x\']: numbers expected'),
+    ('curvature.json', dict(trace='x'), "trace is 'x': number expected"),
+    ('curvature.json', dict(trace=None), 'trace is None: number expected'),
+    ('curvature.json', dict(computed_from='x'), "computed_from is 'x': record expected"),
+    ('curvature.json', dict(computed_from={}), 'computed_from is {}: record expected'),
+    ('curvature.json', dict(esd=None), 'esd is None: dict expected'),
+    ('landscape.json', dict(loss=None), 'it lacks loss'), ('landscape.json', dict(loss=[[1.0], 'x']), 'loss is'),
+    ('landscape.json', dict(alphas=[True]), 'alphas is [True]: numbers expected')]
+
+@pytest.mark.parametrize('name, edit, msg', EDITS)
+def test_a_hand_edited_measurement_is_named_and_nothing_is_written(copy, capsys, name, edit, msg):
+    f = copy/'digits/adam/seed0'/name
+    r = json.loads(f.read_text())
+    r = {k: v for k, v in r.items() if k not in edit} if msg == 'it lacks loss' else r | edit
+    f.write_text(json.dumps(r))
+    before = snapshot(copy)
+    for args in ([['report'], ['curvature', *SMALL_CURVATURE]] if 'curv' in name else [['landscape', *SMALL_LANDSCAPE]]):
+        err = fails([*args, '--out', copy], capsys)
+        assert f"{f} is corrupt (" in err and msg in err and 'rerun with --force' in err, err
+        assert snapshot(copy) == before
 
 
 def test_report_checks_every_output_before_writing_any(copy, capsys):

@@ -133,7 +133,12 @@ def bad_files(marker:Path) -> dict:
     tanh = fake_results()
     tanh['MNIST']['Adam']['model'].feature_extractor[1] = nn.Tanh()
     run_it = f'touch {marker}'
+    laughs = [1] * 10
+    for _ in range(30): laughs = [laughs] * 10  # 10³¹ references in a few hundred bytes
+    deep = b'\x80\x02' + b']' * 200_000 + b'a' * 199_999 + b'.'  # a list 200,000 levels deep, built by hand
     return {
+        'deep': (deep, 'nests deeper than 32 levels: not a results file of the original study'),
+        'billion laughs': (pickle.dumps(laughs), 'holds more than 1,000,000 objects (counted once per reference)'),
         'payload': (pickle.dumps({'MNIST': {'Adam': Payload(os.system, run_it)}}),
                     f'names the global {os.system.__module__}.system, which no results file of the original study'),
         'eval': (pickle.dumps({'MNIST': Payload(eval, f"__import__('os').system({run_it!r})")}),
@@ -164,6 +169,19 @@ def test_a_bad_file_is_one_line_runs_nothing_and_writes_nothing(tmp_path, case):
     assert not marker.exists()
     assert not (tmp_path/'results').exists()  # the good file is not imported either
     with pytest.raises(ValueError, match='^' + str(bad)): read_original(bad)
+
+
+@pytest.mark.parametrize('what', ['fifo', 'device', 'folder', 'empty path', 'missing', 'too large'])
+def test_a_path_that_is_not_a_results_file_is_one_line_and_never_hangs(tmp_path, what):
+    f = {'device': Path('/dev/zero'), 'folder': tmp_path, 'empty path': ''}.get(what, tmp_path/'x.dic')
+    if what == 'fifo': os.mkfifo(f)
+    if what == 'too large':
+        with open(f, 'wb') as fh: fh.truncate(65 * 2**20)  # sparse: nothing of it is read
+    code, err = cli('import-original', f, '--out', tmp_path/'results')
+    msg = {'missing': 'cannot read', 'too large': 'at most 67,108,864 are read', 'empty path': 'must be one or more paths'
+           }.get(what, 'is not a regular file (a folder, a FIFO or a device)')
+    assert code == 2 and err.count('\n') == 1 and msg in err, err
+    assert not (tmp_path/'results').exists()
 
 
 def test_bad_arguments():
