@@ -13,8 +13,9 @@ from .data import (TensorLoader, check_choice, check_dataset, check_float, check
 from .hessian import HessianOperator, layer_names
 from .model import LeNet5, evaluate, to_device
 from .optimizers import OPTIMIZERS, make_optimizer, train_step
-from .runs import (KINDS, SCHEMAS, Tracker, check_out, command, for_each_run, hessian_subset, load_json, lock_run,
-                                  parse_lr, parse_names, parse_seed, signature_defaults, unlock, write_json)
+from .runs import (KINDS, SCHEMAS, Tracker, check_out, check_trace, command, for_each_run,
+                                  hessian_subset, load_json, lock_run, parse_lr, parse_names, parse_seed,
+                                  signature_defaults, unlock, write_json)
 
 # %% auto #0
 __all__ = ['METHODS', 'LRS', 'eos_summary', 'lr_text', 'edge_of_stability', 'to_low_loss', 'layer_curvature', 'layers_cmd',
@@ -79,8 +80,8 @@ def edge_of_stability(out='results/edge', # results folder
     if not methods: raise ValueError("methods is empty: give at least one of 'gd', 'momentum', 'adam'")
     lrs = None if lrs is None else list(dict.fromkeys(parse_lr(v) for v in parse_names(lrs)))  # once each
     if lrs == []: raise ValueError("lrs is empty: give at least one step size, or none for the defaults")
-    for v, k, lo in ((n, 'samples', 1), (steps, 'steps', 1), (every, 'every', 1), (trace, 'trace', 0)):
-        check_int(v, k, lo)
+    for v, k in ((n, 'samples'), (steps, 'steps'), (every, 'every')): check_int(v, k)
+    check_trace(trace)
     check_float(target_loss, 'target_loss', 0)
     seed, out, log = parse_seed(seed), check_out(out), log or (lambda s: None)
     x, y = hessian_subset(dataset, n, resolve_device(device))

@@ -79,6 +79,7 @@ def run_grid(runs:list[Run], out='results', device=None, force:bool=False, progr
     done = [False if force else finished(r, out) for r in runs]  # reads every metrics.json before writing anything
     size = {d: len(load_tensors(d, False)[1]) + len(load_tensors(d, True)[1])  # missing data fails here, first
             for d in dict.fromkeys(r.dataset for r, is_done in zip(runs, done) if not is_done)}
+    check_writable(*[r.folder(out)/'metrics.json' for r, d in zip(runs, done) if not d])  # all, before any work
     order = list(zip(runs, done))
     if backend is not serial: order.sort(key=lambda rd: -work(rd[0], size.get(rd[0].dataset, 0)))
     mb = master_bar(order) if progress else None

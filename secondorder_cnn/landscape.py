@@ -11,6 +11,7 @@ import numpy as np, torch, torch.nn.functional as F
 from torch import nn, Tensor
 from .data import check_choice, check_int, write_atomic
 from .hessian import HessianOperator
+from .model import check_model
 from .runs import (SCHEMAS, InParts, backend, check_writable, command, for_each_run, parse_seed, select_runs,
                                   serial, signature_defaults)
 
@@ -494,7 +495,7 @@ def path_between(model:nn.Module, other:nn.Module, x, y,
                  bs:int=250) -> dict:
     "Loss and accuracy on `(x, y)` at θ + α(θ' − θ), θ the weights of `model` and θ' those of `other`"
     al = check_range(lo, hi, resolution)
-    theirs = check_direction(model, _params(other), 'other')
+    theirs = check_direction(model, _params(check_model(other, 'other')), 'other')
     loss, acc = landscape_1d(model, F.cross_entropy, (x, y), [q - p.detach() for p, q in zip(_params(model), theirs)],
                              al, bs)
     return dict(alphas=al.tolist(), loss=loss.tolist(), acc=acc.tolist())

@@ -31,7 +31,12 @@ class LeNet5(nn.Module):
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 120, 5), nn.ReLU())
         self.classifier = nn.Sequential(nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes))
-    def forward(self, x:Tensor) -> Tensor: return self.classifier(self.feature_extractor(x).flatten(1))
+    def forward(self, x:Tensor) -> Tensor:
+        c = self.feature_extractor[0].in_channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, 32, 32):
+            raise ValueError(f"LeNet5 takes images of shape (N, {c}, 32, 32), not {describe(x)}: "
+                             "resize them to 32×32 (secondorder_cnn.data.resize32)")
+        return self.classifier(self.feature_extractor(x).flatten(1))
 
     @classmethod
     def for_dataset(cls, name:str) -> LeNet5:
@@ -58,12 +63,13 @@ def evaluate(model:nn.Module, dl, criterion=F.cross_entropy) -> tuple[float, flo
     training = model.training
     model.eval()
     loss, correct, n = 0., 0, 0
-    for xb, yb in dl:
-        out = model(xb)
-        loss += criterion(out, yb).item() * len(yb)
-        correct += (out.argmax(1) == yb).sum().item()
-        n += len(yb)
-    model.train(training)
+    try:
+        for xb, yb in dl:
+            out = model(xb)
+            loss += criterion(out, yb).item() * len(yb)
+            correct += (out.argmax(1) == yb).sum().item()
+            n += len(yb)
+    finally: model.train(training)  # also when a batch is bad
     if not n: raise ValueError(f"dl {describe(dl)} holds no sample")
     return loss / n, correct / n
 

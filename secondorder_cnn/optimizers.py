@@ -23,7 +23,7 @@ __all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'NS_DTYPES', 'NS_COEFS', 'LAYERS', 'KFAC
            'muon_groups', 'Muon', 'kfac_layers', 'input_factor', 'grad_factor', 'KFACFactors', 'kfac_factors', 'KFAC',
            'kfac_precondition', 'shampoo_shape', 'Shampoo', 'shampoo_precondition', 'merged_shape', 'SOAP',
            'soap_precondition', 'kron_update_prob', 'Kron', 'kron_precondition', 'OptSpec', 'make_optimizer',
-           'train_step', 'preconditioner', 'stability_threshold']
+           'check_optimizer', 'train_step', 'preconditioner', 'stability_threshold']
 
 # %% ../nbs/03_optimizers.ipynb #baf27d3b
 def _check(ok:bool, msg:str):
@@ -1231,13 +1231,18 @@ def make_optimizer(name:str, # a key of `OPTIMIZERS`
 # %% ../nbs/03_optimizers.ipynb #a64118b8
 class _NonFinite(Exception): pass
 
+def check_optimizer(opt, name:str='opt'):
+    "`opt` if it is an optimizer (its `param_groups`, `state` and `step`), else a `ValueError`"
+    if not all(hasattr(opt, a) for a in ('param_groups', 'state', 'step')):
+        raise ValueError(f"{name} {describe(opt)} must be an optimizer, with param_groups, state and step()")
+    return opt
+
 def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
                criterion=F.cross_entropy, # loss of `model(xb)` against `yb`
                create_graph:bool|None=None) -> dict: # build gradients with `create_graph`; default: `opt.create_graph`
     "One step of `opt` on (`xb`, `yb`): loss and accuracy before it, loss evaluations, HVPs, whether it diverged"
     check_model(model)
-    if not all(hasattr(opt, a) for a in ('param_groups', 'state', 'step')):
-        raise ValueError(f"opt {describe(opt)} must be an optimizer, with param_groups, state and step()")
+    check_optimizer(opt)
     check_xy(xb, yb, ('xb', 'yb'))
     if not len(yb): raise ValueError("xb and yb hold no sample: there is no step to take")
     check_callable(criterion, 'criterion', '(outputs, targets)')
@@ -1308,7 +1313,7 @@ PRECONDITIONED = (*_PRECONDITIONERS, *_MAPS)  # the optimizers whose step is $P^
 
 def preconditioner(opt:Optimizer) -> list[Tensor]|Callable|None:
     "The $P$ of `opt`'s last step: diagonal, a tensor per parameter, or the map $P^{-1/2}$; None without one or a step"
-    kind = next((c for c in _MAPS if isinstance(opt, c)), None)
+    kind = next((c for c in _MAPS if isinstance(check_optimizer(opt), c)), None)
     if kind is not None:
         try: _MAPS[kind](opt, [torch.zeros_like(p) for g in opt.param_groups for p in g['params']])
         except ValueError: return None  # no step yet: the map is not defined
@@ -1322,10 +1327,10 @@ def preconditioner(opt:Optimizer) -> list[Tensor]|Callable|None:
 
 def stability_threshold(opt:Optimizer) -> float|None:
     "The largest sharpness at which `opt`'s step is stable on a quadratic: of $P^{-1}H$ if it has a $P$, else of $H$"
-    g = opt.param_groups[0]
+    g = check_optimizer(opt).param_groups[0]
     if isinstance(opt, torch.optim.SGD):
         b, lr = g['momentum'], g['lr']
-        if not lr: return None
+        if not lr or b and g['dampening'] == 1: return None  # no step, or (d = 1) a momentum that never moves
         if not b: return 2 / lr
         return (2 + 2 * b) / ((1 + 2 * b) * lr) if g['nesterov'] else (2 + 2 * b) / ((1 - g['dampening']) * lr)
     if isinstance(opt, KFAC): return (2 + 2 * g['momentum']) / g['lr'] if g['lr'] else None  # heavy ball on $P^{-1}g$

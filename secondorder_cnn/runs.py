@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_runs.ipynb #07e1ae97
 from __future__ import annotations
-import contextlib, fcntl, hashlib, inspect, io, json, math, os, time
+import contextlib, fcntl, hashlib, inspect, io, json, math, os, re, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,7 +14,8 @@ from fastprogress.fastprogress import progress_bar
 from torch import nn, Tensor
 from . import __version__
 from .data import (DATASETS, MAX_SEED, check_choice, check_dataset, check_float, check_int, describe,
-                                  get_dls, is_int, load_tensors, resolve_device, stratified_subset, write_atomic)
+                                  check_xy, get_dls, is_int, load_tensors, resolve_device, stratified_subset,
+                                  write_atomic)
 from .hessian import HessianOperator, NotFinite
 from .model import LeNet5, evaluate, n_params, to_device
 from .optimizers import (OPTIMIZERS, PRECONDITIONED, make_optimizer, preconditioner,
@@ -23,9 +24,9 @@ from .optimizers import (OPTIMIZERS, PRECONDITIONED, make_optimizer, preconditio
 # %% auto #0
 __all__ = ['KINDS', 'SCHEMAS', 'BACKENDS', 'SHARED', 'COMMANDS', 'train', 'parse_names', 'parse_seed', 'parse_seeds', 'parse_lr',
            'Run', 'signature_defaults', 'write_json', 'state_bytes', 'save_model', 'load_json', 'check_schema',
-           'load_metrics', 'check_out', 'check_writable', 'clear_run_folder', 'train_run', 'write_run', 'run_one',
-           'finished', 'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'Tracker', 'parse_track',
-           'serial', 'backend', 'lock_run', 'unlock', 'InParts', 'for_each_run', 'command']
+           'load_metrics', 'check_folder', 'check_out', 'check_writable', 'clear_run_folder', 'train_run', 'write_run',
+           'run_one', 'finished', 'FinishedRun', 'finished_runs', 'select_runs', 'hessian_subset', 'check_trace',
+           'Tracker', 'parse_track', 'serial', 'backend', 'lock_run', 'unlock', 'InParts', 'for_each_run', 'command']
 
 # %% ../nbs/04_runs.ipynb #1dcb8352
 def _epoch_bar(dl, parent, what:str):
@@ -207,20 +208,29 @@ def load_metrics(f:Path) -> dict:
     if not ok: raise ValueError(f"{f} is corrupt: delete it, or rerun with --force")
     return metrics
 
-def check_out(out) -> Path:
-    "`out` as a `Path` if it is, or can be created as, a writable folder; else a `ValueError`"
-    out = Path(out)
-    q = out
+def check_folder(folder) -> Path:
+    "`folder` as a `Path` if it is, or can be created as, a writable folder; else a `ValueError`"
+    out = q = Path(folder)
     while not q.exists() and q != q.parent: q = q.parent
     if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
         raise ValueError(f"output folder {str(out)!r} is not writable")
     return out
 
+def check_out(out) -> Path:
+    "The results folder `out` as a `Path`: given, writable (`check_folder`) and not inside a run's; else a `ValueError`"
+    if not isinstance(out, (str, os.PathLike)) or str(out) == '':
+        raise ValueError(f"output folder {describe(out)} must be the path of a folder ('.' for this one)")
+    out = Path(out)
+    is_run = lambda p: p.name.startswith('seed') and p.name[4:].isdigit() and (p/'metrics.json').is_file()
+    if run := next((p for p in [out, *out.absolute().parents] if is_run(p)), None):
+        raise ValueError(f"output folder {str(out)!r} is inside the folder of the run {str(run)!r}: choose another")
+    return check_folder(out)
+
 def check_writable(*files:Path) -> list[Path]:
     "`files`, if each can be written (its folder writable, itself not a folder), else a `ValueError` naming it"
     for f in map(Path, files):
         if f.is_dir(): raise ValueError(f"cannot write {str(f)!r}: it is a folder")
-        check_out(f.parent)
+        check_folder(f.parent)
     return [Path(f) for f in files]
 
 def clear_run_folder(folder:Path):
@@ -348,6 +358,8 @@ class FinishedRun:
 # %% ../nbs/04_runs.ipynb #eee01035
 def finished_runs(out) -> list[FinishedRun]:
     "Every finished run in `out`, in dataset, optimizer, seed order"
+    if not isinstance(out, (str, os.PathLike)) or str(out) == '':
+        raise ValueError(f"results folder {describe(out)} must be the path of a folder ('.' for this one)")
     out = Path(out)
     if not out.is_dir(): raise ValueError(f"no results in {str(out)!r}: train them first with `secondorder-cnn run`")
     fs = [f for f in out.glob('*/*/seed*/metrics.json') if f.parts[-4] in DATASETS and f.parts[-2][4:].isdigit()]
@@ -396,6 +408,13 @@ def _in_order(P, ps:list, params:list):
         return [out[at[id(p)]] for p in params]
     return root
 
+def check_trace(trace, name:str='trace') -> int:
+    "`trace`, Hutch++'s products for a trace at each measurement, if 0 (none) or at least 3; else a `ValueError`"
+    if is_int(trace) and trace in (1, 2):
+        raise ValueError(f"{name} {trace} must be 0 (no trace) or an integer >= 3: Hutch++ takes three products "
+                         "at least")
+    return check_int(trace, name, 0)
+
 class Tracker:
     "A `train` callback: every `every` steps, sharpness (plain and preconditioned), thresholds and trace on `(x, y)`"
     def __init__(self, x:Tensor, y:Tensor, # the fixed subset the Hessian is taken on
@@ -404,7 +423,8 @@ class Tracker:
                  max_iter:int=20, # Lanczos steps per eigenvalue, at most
                  tol:float=1e-3, # relative residual at which Lanczos stops
                  criterion=F.cross_entropy):
-        self.x, self.y, self.every, self.trace = x, y, check_int(every, 'every'), check_int(trace, 'trace', 0)
+        x, y = check_xy(x, y)
+        self.x, self.y, self.every, self.trace = x, y, check_int(every, 'every'), check_trace(trace)
         self.max_iter, self.tol = check_int(max_iter, 'max_iter'), check_float(tol, 'tol', 0, lo_open=True)
         self.criterion, self.v, self.v_pre, self.records, self.diverged = criterion, None, None, [], None
 
@@ -459,9 +479,8 @@ def parse_track(s:str) -> dict:
         if k not in _TRACK:
             raise ValueError(f"track: unknown setting {k!r} in {s!r}; allowed: every=K, samples=N, trace or trace=M")
         if k in out: raise ValueError(f"track: {k} is given twice in {s!r}")
-        try: out[k] = int(v)
-        except ValueError: out[k] = v
-        check_int(out[k], f'track: {k}', 3 if k == 'trace' else 1)
+        out[k] = int(v) if re.fullmatch('-?[0-9]+', v) else v  # ASCII digits alone: not '+3', '1_0', '１' or '10²'
+        check_trace(out[k], 'track: trace') if k == 'trace' else check_int(out[k], f'track: {k}', 1)
     if 'every' not in out: raise ValueError(f"track {s!r} lacks every=K: how many optimizer steps between measurements")
     return _TRACK | out
 

@@ -126,6 +126,34 @@ def test_unusable_output_folders(tmp_path, capsys, where, cmd):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize('cmd', ['run', 'curvature', 'landscape', 'report', 'tune', 'edge', 'layers'])
+def test_an_empty_output_folder_is_refused(tmp_path, capsys, monkeypatch, cmd):
+    monkeypatch.chdir(tmp_path)
+    err = fails([cmd, '--out', ''], capsys)
+    assert "folder '' must be the path of a folder ('.' for this one)" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_inside_a_run_is_refused(results, capsys):
+    before = snapshot(results)
+    inside = results/'digits/adam/seed0'
+    for where in (inside, inside/'more'):
+        err = fails(['run', '--optimizers', 'adam', *SHORT, '--out', where], capsys)
+        assert f"is inside the folder of the run '{inside}'" in err, err
+    assert snapshot(results) == before
+
+
+def test_run_force_checks_every_folder_before_training(copy, capsys):
+    "With one run's folder unusable (a file where it should be), `run --force` retrains nothing and changes nothing"
+    blocked = copy/'digits/sgd/seed0'
+    shutil.rmtree(blocked)
+    blocked.write_text('not a folder')
+    before = snapshot(copy)
+    err = fails(['run', '--optimizers', 'adam,sgd', *SHORT, '--out', copy, '--force'], capsys)
+    assert f"output folder '{blocked}' is not writable" in err, err
+    assert snapshot(copy) == before
+
+
 @pytest.fixture
 def copy(results, tmp_path):
     "A copy of the results to spoil"

@@ -7,7 +7,10 @@ from secondorder_cnn.data import (TensorLoader, data_root, dataset_info, get_dls
                                   stratified_subset, to_gray, tv_dataset, write_atomic)
 from secondorder_cnn.model import LeNet5, evaluate, fit, n_params, to_device
 from secondorder_cnn.hessian import HessianOperator, hutchinson_diag, hvp, probe
-from secondorder_cnn.optimizers import AdaHessian, Apollo, SophiaH, make_optimizer, train_step
+from secondorder_cnn.optimizers import (AdaHessian, Apollo, SophiaH, make_optimizer, preconditioner, stability_threshold,
+                                        train_step)
+from secondorder_cnn.runs import Tracker
+from secondorder_cnn.landscape import path_between
 
 nan, inf, CE = float('nan'), float('inf'), F.cross_entropy
 
@@ -200,6 +203,24 @@ TABLE = {
         (lambda m, x, y: train_step(m, make_optimizer('lbfgs', m.parameters()), x, y, nn.CrossEntropyLoss(reduction='none')),
          'criterion must return a scalar loss, got <float32 tensor of shape (8,)>'),
     ],
+    'what is not an optimizer, a model, a batch or an image of the right size': [
+        (lambda m, x, y: stability_threshold(None), 'opt None must be an optimizer'),
+        (lambda m, x, y: stability_threshold(m), 'opt LeNet5(\n'),
+        (lambda m, x, y: preconditioner(None), 'opt None must be an optimizer'),
+        (lambda m, x, y: preconditioner('adam'), "opt 'adam' must be an optimizer"),
+        (lambda m, x, y: Tracker(None, None, 1), 'x None must be a tensor'),
+        (lambda m, x, y: Tracker(x, y[:3], 1), 'x and y must hold as many samples'),
+        (lambda m, x, y: Tracker(x, y, 1, trace=1), 'trace 1 must be 0 (no trace) or an integer >= 3'),
+        (lambda m, x, y: path_between(m, None, x, y), 'other None must be a torch.nn.Module'),
+        (lambda m, x, y: m(torch.zeros(2, 1, 28, 28)), 'LeNet5 takes images of shape (N, 1, 32, 32), not'),
+        (lambda m, x, y: m(torch.zeros(2, 3, 32, 32)), 'LeNet5 takes images of shape (N, 1, 32, 32)'),
+        (lambda m, x, y: H(m, torch.zeros(8, 1, 28, 28), y), 'resize them to 32×32'),
+        (lambda m, x, y: evaluate(m, [(torch.zeros(8, 28, 28), y)]), 'LeNet5 takes images of shape'),
+        (lambda m, x, y: H(m, x, y).sharpness([torch.full_like(p, nan) for p in m.parameters()]),
+         'v0 must be finite and not zero'),
+        (lambda m, x, y: H(m, x, y).preconditioned([torch.full_like(p, inf) for p in m.parameters()]),
+         'P must hold finite numbers > 0'),
+    ],
 }
 CASES = [pytest.param(call, text, id=f'{kind} {i}') for kind, rows in TABLE.items() for i, (call, text) in enumerate(rows)]
 
@@ -239,3 +260,21 @@ def test_a_nan_in_a_later_batch_stops_the_first_product_it_spoils(model, batch):
     for call in (lambda: Hl.trace(max_hvp=6), lambda: Hl.eigenvalues(), lambda: Hl.density(n_iter=3, n_runs=1)):
         with pytest.raises(ValueError, match=r'the Hessian-vector products are not finite \(NaN or inf\)'): call()
     assert unchanged(model, state, x, y, xy)
+
+
+def test_sgd_with_full_dampening_has_no_threshold(model):
+    "Dampening 1 keeps the momentum from moving: no step, so no stability threshold (it was a division by zero)"
+    opt = make_optimizer('sgd', model.parameters(), momentum=0.9, dampening=1.0)
+    assert stability_threshold(opt) is None
+
+
+def test_sharpness_and_preconditioning_of_extreme_scale_are_right_and_converged(model, batch):
+    "A v0 whose norm overflows float32, and diagonal P of 1e-20 or 1e20: λ1 as from a plain start, times 1/P"
+    x, y = batch
+    h = H(model, x, y)
+    ref = h.sharpness(max_iter=60, tol=1e-6)
+    big = h.sharpness([torch.full_like(p, 1e30) for p in h.params], max_iter=60, tol=1e-6)
+    assert big.converged and abs(big[0] - ref[0]) <= 1e-3 * ref[0]
+    for c in (1e-20, 1e20):
+        r = h.preconditioned([torch.full_like(p, c) for p in h.params]).sharpness(max_iter=60, tol=1e-6)
+        assert r.converged and abs(r[0] * c - ref[0]) <= 1e-3 * ref[0], (c, r[0] * c, ref[0])

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
     ('every=0', 'track: every 0 must be an integer >= 1'),
     ('every=ten', "track: every 'ten' must be an integer >= 1"),
     ('every=5,samples=-3', 'track: samples -3 must be an integer >= 1'),
-    ('every=5,trace=1', 'track: trace 1 must be an integer >= 3'),
+    ('every=5,trace=1', 'track: trace 1 must be 0 (no trace) or an integer >= 3'),
+    ('every=５', "track: every '５' must be an integer"), ('every=+3', "track: every '+3' must be"),
     ('every=5,every=6', "track: every is given twice in 'every=5,every=6'"),
     (None, 'track None must be text like')])
 def test_bad_track_is_one_line(s, msg):
