@@ -298,6 +298,10 @@ def report(out='results', log=print,
     theirs = finished_runs(original) if original is not None and Path(original).is_dir() else []
     if original is not None and not theirs:
         raise ValueError(f"no run in {str(original)!r}: import them with `secondorder-cnn import-original`")
+    if mine := [r.name for r in theirs if (r.config.get('source') or {}).get('study') != 'original study']:
+        raise ValueError(f"{str(original)!r} holds runs not imported from the original study ({mine[0]}"
+                         f"{f' and {len(mine) - 1} more' if len(mine) > 1 else ''}): give the folder that "
+                         "`secondorder-cnn import-original` wrote")
     out, rows = Path(out), summarize(runs)
     figures = {out/f'{s.title()}LossAcc.png': plot_curves(runs, s, theirs) for s in ('train', 'test')}
     vs_paper = paper_rows(rows)

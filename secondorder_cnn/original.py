@@ -102,6 +102,9 @@ class OriginalUnpickler(pickle.Unpickler):
             raise ValueError(f"it names the global {module}.{name}, which no results file of the original study names: "
                              "refused before anything of it ran")
         return ALLOWED[module, name]
+    def persistent_load(self, pid):
+        raise ValueError("it refers to an object outside the pickle (a persistent ID), which no results file of the "
+                         "original study does: refused")
 
 # %% ../nbs/07_original.ipynb #6b0d549b
 MAX_DEPTH, MAX_OBJECTS = 32, 1_000_000  # a results file nests 8 deep and holds some 2,000 objects
@@ -123,15 +126,20 @@ def check_extent(obj, f):
 
 def _unpickle(data:bytes, f):
     "The object pickled in `data` (the bytes of file `f`), built by `OriginalUnpickler`, else a one-line `ValueError`"
+    if data[:4] == b'PK\x03\x04':
+        raise ValueError(f"{f} is a zip archive (as torch.save writes), not a results file of the original study: "
+                         "those are plain pickles")
     buf = io.BytesIO(data)
     try: obj = OriginalUnpickler(buf).load()
     except ValueError as e: raise ValueError(f"{f}: {e}") from None
     except EOFError: raise ValueError(f"{f} is {'empty' if not data else 'truncated: its pickle ends early'}") from None
     except pickle.UnpicklingError as e:
         cut = 'truncated' in str(e)
-        raise ValueError(f"{f} is " + ('truncated: its pickle ends early' if cut else f"not a pickle ({e})")) from None
+        why = ' '.join(str(e).split())  # on one line
+        raise ValueError(f"{f} is " + ('truncated: its pickle ends early' if cut else f"not a pickle ({why})")) \
+            from None
     except Exception as e:
-        first = (str(e).splitlines() or [''])[0]
+        first = ' '.join(str(e).split())[:200]
         raise ValueError(f"{f} is not a results file of the original study ({type(e).__name__}: {first})") from None
     if buf.tell() != len(data): raise ValueError(f"{f} has {len(data) - buf.tell()} bytes after the end of its pickle")
     return check_extent(obj, f)

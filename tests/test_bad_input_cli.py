@@ -267,3 +267,11 @@ def test_metrics_of_the_wrong_shape_are_corrupt(copy, capsys, content):
     for args in (['report'], ['curvature'], ['landscape'], ['run', '--optimizers', 'adam', *SHORT]):
         assert f"{f} is corrupt: delete it, or rerun with --force" in fails([*args, '--out', copy], capsys)
     assert snapshot(copy) == before
+
+
+def test_report_original_takes_imported_runs_alone(results, capsys):
+    "Runs trained here, given as the original study's, are refused rather than labelled '(original study)'"
+    before = snapshot(results)
+    err = fails(['report', '--out', results, '--original', results], capsys)
+    assert "holds runs not imported from the original study (digits/adam/seed0 and 1 more)" in err, err
+    assert snapshot(results) == before

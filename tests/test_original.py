@@ -1,5 +1,5 @@
 "Reading the original study's results files: nothing in them runs, bad files are one line, imports are ordinary runs"
-import collections, json, os, pickle, sys, types
+import collections, io, json, os, pickle, sys, types
 from pathlib import Path
 import pytest, torch
 from torch import nn
@@ -136,7 +136,14 @@ def bad_files(marker:Path) -> dict:
     laughs = [1] * 10
     for _ in range(30): laughs = [laughs] * 10  # 10³¹ references in a few hundred bytes
     deep = b'\x80\x02' + b']' * 200_000 + b'a' * 199_999 + b'.'  # a list 200,000 levels deep, built by hand
+    zipped, pid = io.BytesIO(), io.BytesIO()
+    torch.save({'MNIST': torch.zeros(2)}, zipped)
+    class Refers(pickle.Pickler):
+        def persistent_id(self, o): return 'elsewhere' if o == 'ref' else None
+    Refers(pid, protocol=2).dump({'MNIST': 'ref'})
     return {
+        'torch zip': (zipped.getvalue(), 'is a zip archive (as torch.save writes), not a results file'),
+        'persistent id': (pid.getvalue(), 'it refers to an object outside the pickle (a persistent ID)'),
         'deep': (deep, 'nests deeper than 32 levels: not a results file of the original study'),
         'billion laughs': (pickle.dumps(laughs), 'holds more than 1,000,000 objects (counted once per reference)'),
         'payload': (pickle.dumps({'MNIST': {'Adam': Payload(os.system, run_it)}}),
