@@ -511,9 +511,10 @@ def lock_run(folder:Path, name:str='run',
              wait:bool=False): # until the process that holds it lets it go
     "The open lock file `folder/.<name>.lock`, exclusively `flock`ed by this process; None if another process holds it"
     f = Path(folder)/f'.{name}.lock'
-    f.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = open(f, 'a')
+        f.parent.mkdir(parents=True, exist_ok=True)
+        try: fd = open(f, 'a')
+        except FileNotFoundError: continue  # its holder removed the folder, empty, as we made it: make it again
         try: fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fd.close()
@@ -524,9 +525,10 @@ def lock_run(folder:Path, name:str='run',
         fd.close()  # its holder removed it as we opened it: lock the file now in the folder
 
 def unlock(fd):
-    "Remove the lock file `fd` and release it"
+    "Remove the lock file `fd` and release it; and its folder, if nothing else is in it (no empty run folder left)"
     Path(fd.name).unlink(missing_ok=True)
     fd.close()
+    with contextlib.suppress(OSError): Path(fd.name).parent.rmdir()
 
 # %% ../nbs/04_runs.ipynb #d3564519
 def _why_stale(stored:dict|None, wanted:dict) -> str|None:

@@ -30,12 +30,22 @@ def check_address(address:str, # 'auto', 'HOST:PORT' (the head's GCS port, 6379 
     host, sep, port = str(address).removeprefix('ray://').rpartition(':')
     if not (sep and host and port.isdigit()):
         raise ValueError(f"address {address!r} must be auto, HOST:PORT or ray://HOST:PORT")
-    try: socket.create_connection((host.strip('[]'), int(port)), timeout).close()
+    try: s = socket.create_connection((host.strip('[]'), int(port)), timeout)
     except OSError as e:
         why = e.strerror or str(e) or type(e).__name__
         raise ValueError(f"no Ray cluster answers at {address!r} ({why.lower()}): "
                          "start one with `ray start --head`, or give the address it printed") from None
+    with s:  # Ray's servers speak gRPC: an HTTP/2 server answers the client's preface with its SETTINGS frame
+        try:
+            s.sendall(_H2_PREFACE)
+            head = s.recv(9)
+        except OSError: head = b''
+    if len(head) < 4 or head[3] != 4:
+        raise ValueError(f"something listens at {address!r}, but it is not a Ray cluster (no gRPC answer within "
+                         f"{timeout:g} s): give the address `ray start --head` printed")
     return address
+
+_H2_PREFACE = b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
 
 def _ray():
     "The `ray` module, or a `ValueError` that says how to install it"

@@ -163,3 +163,25 @@ def test_a_killed_driver_resumes_without_redoing_finished_runs(serial, ray, tmp_
     got = runs(contents(out))
     assert len(got) == 18 and not list(out.rglob('.*'))  # no lock or temporary file left
     assert {k: v for k, v in got.items() if '/seed0/' in k} == runs(serial)  # the serial path's seed-0 runs
+
+
+@pytest.mark.parametrize('reply', [None, b'HTTP/1.1 400 Bad Request\r\n\r\n', b'\x00' * 9])
+@pytest.mark.parametrize('cmd', ['run', 'tune'])
+def test_an_address_where_something_else_listens_is_one_line_and_quick(tmp_path, capsys, reply, cmd):
+    "A listener that is not Ray (silent, HTTP/1, or garbage): refused in seconds, not after Ray's minutes of retries"
+    import socket, threading
+    srv = socket.socket()
+    srv.bind(('127.0.0.1', 0)); srv.listen()
+    def answer():
+        c, _ = srv.accept()
+        if reply: c.sendall(reply)
+        c.recv(100)
+    threading.Thread(target=answer, daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main([cmd, '--datasets', 'digits', '--optimizers', 'adam', '--epochs', '1', '--device', 'cpu',
+              '--address', f'127.0.0.1:{srv.getsockname()[1]}', '--out', str(tmp_path/'r')])
+    err = capsys.readouterr().err
+    srv.close()
+    assert e.value.code == 2 and err.count('\n') == 1 and 'but it is not a Ray cluster' in err, err
+    assert time.perf_counter() - t0 < 30 and not (tmp_path/'r').exists()
