@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_scale.ipynb #db253f2a
 from __future__ import annotations
-import contextlib, importlib.util, math, os, shutil, socket, sys, time
+import contextlib, importlib.util, math, os, shutil, socket, sys, tempfile, time
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -73,15 +73,37 @@ def _slots(ray, cpus:int, gpus:float, most:int|None=None) -> int:
                          f"(the most a node has: {cpu:g} CPUs, {gpu:g} GPUs); lower --cpus-per-task or --gpus-per-task")
     return min(n, most or n)
 
+@contextlib.contextmanager
+def _held_stderr():
+    "What is written to file descriptor 2 meanwhile — Ray's C++ logs too — held in a file instead of shown"
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try: yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
 def _init(ray, workers:int|None, address:str|None, log):
     "Start a local cluster of `workers` CPUs, or join the one at `address`"
     t0 = time.perf_counter()
     quiet = dict(logging_level='WARNING', log_to_driver=False)
-    if address is None: ray.init(num_cpus=workers, include_dashboard=False, **quiet)
+    if address is None:  # 'local': a cluster of its own, even where `ray start` left one running
+        ray.init(address='local', num_cpus=workers, include_dashboard=False, **quiet)
     else:
-        try: ray.init(address=address, **quiet)
-        except ConnectionError as e:
-            raise ValueError(f"cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+        with _held_stderr() as held:  # Ray retries for half a minute, a log line a second: one line instead
+            try: ray.init(address=address, **quiet); err = None
+            except ConnectionError as e: err = e
+            held.seek(0)
+            said = held.read().decode(errors='replace')
+        if err is not None and ('InvalidAuthToken' in said or 'Unauthenticated' in said):
+            raise ValueError(f"the Ray cluster at {address!r} refused this process's authentication token: set "
+                             "RAY_AUTH_MODE=token (and, on another machine, RAY_AUTH_TOKEN to the head's "
+                             "~/.ray/auth_token), or start the cluster with RAY_AUTH_MODE=disabled") from None
+        if err is not None:
+            raise ValueError(f"cannot join the Ray cluster at {address!r}: {str(err).splitlines()[0]}") from None
     what = f'joined the Ray cluster at {address}' if address else f'started a local Ray cluster of {workers} CPUs'
     log(f"ray: {what} in {time.perf_counter() - t0:.1f} s")
 

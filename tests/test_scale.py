@@ -1,5 +1,5 @@
 "On Ray — a local cluster (--workers) or one joined by address — the study's files are the serial path's, bit for bit"
-import json, os, signal, subprocess, sys, time
+import contextlib, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from secondorder_cnn.cli import main
@@ -185,3 +185,46 @@ def test_an_address_where_something_else_listens_is_one_line_and_quick(tmp_path,
     srv.close()
     assert e.value.code == 2 and err.count('\n') == 1 and 'but it is not a Ray cluster' in err, err
     assert time.perf_counter() - t0 < 30 and not (tmp_path/'r').exists()
+
+
+def stop_head(port:int):
+    "Stop the Ray cluster whose head listens on `port`, and only it (`ray stop` stops every cluster of the machine)"
+    import psutil
+    procs = [p for p in psutil.process_iter(['cmdline']) if any(str(port) in a for a in (p.info['cmdline'] or []))
+             and any('ray' in a for a in p.info['cmdline'])]
+    procs += [c for p in procs for c in p.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error): p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_a_refused_token_is_one_line(ray, tmp_path, capsys, monkeypatch):
+    "A cluster of `ray start --head` (token authentication, Ray's default) joined with a wrong token: one line"
+    port, ray_bin = free_port(), Path(sys.executable).parent/'ray'
+    env = {k: v for k, v in os.environ.items() if not k.startswith('RAY_AUTH')}
+    subprocess.run([ray_bin, 'start', '--head', '--node-ip-address=127.0.0.1', f'--port={port}', '--num-cpus=1',
+                    '--include-dashboard=false', '--disable-usage-stats'], env=env, check=True, capture_output=True)
+    try:
+        monkeypatch.setenv('RAY_AUTH_MODE', 'token')
+        monkeypatch.setenv('RAY_AUTH_TOKEN', 'not-the-token-of-this-cluster-0123456789abcdef')
+        with pytest.raises(SystemExit) as e:
+            main(['run', '--datasets', 'digits', '--optimizers', 'adam', '--epochs', '1', '--device', 'cpu',
+                  '--address', f'127.0.0.1:{port}', '--out', str(tmp_path/'r')])
+    finally: stop_head(port)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1, err
+    assert "refused this process's authentication token: set RAY_AUTH_MODE=token" in err, err
+    assert not (tmp_path/'r').exists()
+
+
+def test_workers_start_a_cluster_of_their_own_beside_one_of_ray_start(ray, tmp_path, capsys):
+    "`--workers N` with a cluster of `ray start` alive on the machine: its own local cluster, not that one"
+    port, ray_bin = free_port(), Path(sys.executable).parent/'ray'
+    env = os.environ | dict(RAY_AUTH_MODE='disabled')
+    subprocess.run([ray_bin, 'start', '--head', f'--port={port}', '--num-cpus=1', '--include-dashboard=false',
+                    '--disable-usage-stats'], env=env, check=True, capture_output=True)
+    try: main(['run', '--datasets', 'digits', '--optimizers', 'adam', '--epochs', '1', '--device', 'cpu',
+               '--workers', '2', '--out', str(tmp_path/'r')])
+    finally: stop_head(port)
+    assert 'ray: started a local Ray cluster of 2 CPUs' in capsys.readouterr().out
+    assert (tmp_path/'r/digits/adam/seed0/metrics.json').exists()
