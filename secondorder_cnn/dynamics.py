@@ -13,9 +13,9 @@ from .data import (TensorLoader, check_choice, check_dataset, check_float, check
 from .hessian import HessianOperator, layer_names
 from .model import LeNet5, evaluate, to_device
 from .optimizers import OPTIMIZERS, make_optimizer, train_step
-from .runs import (KINDS, SCHEMAS, Tracker, check_out, check_trace, command, for_each_run,
-                                  hessian_subset, load_json, lock_run, parse_lr, parse_names, parse_seed,
-                                  signature_defaults, unlock, write_json)
+from .runs import (KINDS, SCHEMAS, Tracker, check_out, check_trace, check_writable, command,
+                                  for_each_run, hessian_subset, load_json, lock_run, parse_lr, parse_names,
+                                  parse_seed, signature_defaults, unlock, write_json)
 
 # %% auto #0
 __all__ = ['METHODS', 'LRS', 'eos_summary', 'lr_text', 'edge_of_stability', 'to_low_loss', 'layer_curvature', 'layers_cmd',
@@ -87,6 +87,8 @@ def edge_of_stability(out='results/edge', # results folder
     x, y = hessian_subset(dataset, n, resolve_device(device))
     settings = dict(dataset=dataset, samples=len(y), steps=steps, every=every, trace=trace, target_loss=target_loss,
                     seed=seed)
+    check_writable(*[out/dataset/m/f'lr{lr_text(lr)}'/'dynamics.json' for m in methods
+                     for lr in (LRS[m] if lrs is None else lrs)])  # every output, before any work
     done = []
     for m in methods:
         for lr in (LRS[m] if lrs is None else lrs):
@@ -124,6 +126,7 @@ def to_low_loss(out='results/low_loss', # results folder: `<out>/<dataset>/<opti
     seed, out, log, dev = parse_seed(seed), check_out(out), log or (lambda s: None), resolve_device(device)
     x, y = hessian_subset(check_dataset(dataset), n, dev)
     test = TensorLoader(*[t.to(dev) for t in load_tensors(dataset, False)], bs=1000)
+    check_writable(*[out/dataset/o/'low_loss.json' for o in opts])  # every output, before any work
     done = []
     for o in opts:
         f = out/dataset/o/'low_loss.json'

@@ -62,6 +62,8 @@ EDGE = [  # arguments of `edge` after --out, and what the error must say
     (['--steps', 'ten'], "argument --steps: invalid int value: 'ten'"),
     (['--every', '0'], 'every 0 must be an integer >= 1'),
     (['--trace', '-1'], 'trace -1 must be an integer >= 0'),
+    (['--trace', '1'], 'trace 1 must be 0 (no trace) or an integer >= 3'),
+    (['--trace', '2'], 'Hutch++ takes three products at least'),
     (['--target-loss', '-1'], 'target_loss -1.0 must be a finite number >= 0'),
     (['--seed', '-2'], "seed -2 must be an integer >= 0"),
     (['--dataset', 'imagenet'], "unknown dataset 'imagenet'"),
@@ -102,3 +104,29 @@ def test_tracking_the_matrix_preconditioners(tmp_path, name, threshold):
     else:
         assert recs[0]['pre_lambda1'] is None  # before the first step there is no P
         assert all(r['pre_lambda1'] > 0 and r['pre_threshold'] == pytest.approx(threshold) for r in recs[1:])
+
+
+def test_two_edge_drivers_compute_each_run_once(tmp_path):
+    "Two identical `edge` commands at once: each step size's run is computed by one of them, and stored once"
+    import subprocess, sys
+    args = ['edge', '--dataset', 'digits', '--samples', '100', '--methods', 'gd', '--lrs', '0.1,0.2,0.3,0.4',
+            '--steps', '10', '--every', '2', '--device', 'cpu', '--out', str(tmp_path/'edge')]
+    cmd = [sys.executable, '-c', f'from secondorder_cnn.cli import main; main({args!r})']
+    env = dict(__import__('os').environ, OMP_NUM_THREADS='1')
+    ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in ps]
+    assert [p.returncode for p in ps] == [0, 0], logs
+    computed = [l for log in logs for l in log.splitlines() if ' steps, ' in l]
+    assert sorted(l.split(':')[0] for l in computed) == [f'gd lr {v}' for v in ('0.1', '0.2', '0.3', '0.4')], logs
+    assert len(list((tmp_path/'edge').rglob('dynamics.json'))) == 4 and not list((tmp_path/'edge').rglob('.*.lock'))
+
+
+def test_edge_checks_every_output_before_computing(tmp_path, capsys):
+    "A run's folder that cannot be written (a file where it goes): one line, before any run is computed"
+    out = tmp_path/'edge'
+    (out/'digits/gd').mkdir(parents=True)
+    (out/'digits/gd/lr0.2').write_text('not a folder')
+    err = fails(['edge', '--dataset', 'digits', '--samples', '100', '--methods', 'gd', '--lrs', '0.1,0.2',
+                 '--steps', '5', '--device', 'cpu', '--out', out], capsys)
+    assert "output folder" in err and "lr0.2' is not writable" in err, err
+    assert not (out/'digits/gd/lr0.1').exists()
