@@ -198,22 +198,21 @@ def stop_head(port:int):
     psutil.wait_procs(procs, timeout=30)
 
 
-def test_a_refused_token_is_one_line(ray, tmp_path, capsys, monkeypatch):
+def test_a_refused_token_is_one_line(ray, tmp_path):
     "A cluster of `ray start --head` (token authentication, Ray's default) joined with a wrong token: one line"
     port, ray_bin = free_port(), Path(sys.executable).parent/'ray'
     env = {k: v for k, v in os.environ.items() if not k.startswith('RAY_AUTH')}
     subprocess.run([ray_bin, 'start', '--head', '--node-ip-address=127.0.0.1', f'--port={port}', '--num-cpus=1',
                     '--include-dashboard=false', '--disable-usage-stats'], env=env, check=True, capture_output=True)
-    try:
-        monkeypatch.setenv('RAY_AUTH_MODE', 'token')
-        monkeypatch.setenv('RAY_AUTH_TOKEN', 'not-the-token-of-this-cluster-0123456789abcdef')
-        with pytest.raises(SystemExit) as e:
-            main(['run', '--datasets', 'digits', '--optimizers', 'adam', '--epochs', '1', '--device', 'cpu',
-                  '--address', f'127.0.0.1:{port}', '--out', str(tmp_path/'r')])
+    args = ['run', '--datasets', 'digits', '--optimizers', 'adam', '--epochs', '1', '--device', 'cpu',
+            '--address', f'127.0.0.1:{port}', '--out', str(tmp_path/'r')]
+    wrong = env | dict(RAY_AUTH_MODE='token', RAY_AUTH_TOKEN='not-the-token-of-this-cluster-0123456789abcdef')
+    try:  # a process of its own: Ray reads its authentication settings once per process
+        p = subprocess.run([sys.executable, '-c', f'from secondorder_cnn.cli import main; main({args!r})'],
+                           env=wrong, capture_output=True, text=True, timeout=300)
     finally: stop_head(port)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count('\n') == 1, err
-    assert "refused this process's authentication token: set RAY_AUTH_MODE=token" in err, err
+    assert p.returncode == 2 and p.stderr.count('\n') == 1, p.stderr
+    assert "refused this process's authentication token: set RAY_AUTH_MODE=token" in p.stderr, p.stderr
     assert not (tmp_path/'r').exists()
 
 
