@@ -14,7 +14,7 @@ from .data import (TensorLoader, check_choice, check_float, check_int, is_int, l
                                   resolve_device, stratified_subset)
 from .model import LeNet5, to_device
 from .optimizers import OPTIMIZERS
-from .runs import (BACKENDS, FinishedRun, Run, backend, check_out, check_writable, command, load_json,
+from .runs import (BACKENDS, KINDS, FinishedRun, Run, backend, check_out, check_writable, command, load_json,
                                   lock_run, parse_seed, train, unlock, write_json)
 from .experiments import plan, run_grid, summarize
 
@@ -255,11 +255,11 @@ def _clear(folder:Path, keep:tuple=()) -> int:
 def load_best(f:Path, force:bool=False) -> dict:
     "The searches in `best.json` (`f`) by optimizer: {} if there is none (or, with `force`, a corrupt one); checked"
     if not Path(f).exists(): return {}
-    num = lambda v, lo=-math.inf: isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v < math.inf
+    num = KINDS['number']
     def ok(o, b):
         s = b.get('settings') if isinstance(b, dict) else None
-        return (o in SEARCH and isinstance(s, dict) and num(s.get('lr'), 0) and set(s) <= {'lr', *SEARCH[o]}
-                and all(num(v) for v in s.values()) and num(b.get('valid_acc'), -1e-9) and b['valid_acc'] <= 1
+        return (o in SEARCH and isinstance(s, dict) and set(s) <= {'lr', *SEARCH[o]} and all(map(num, s.values()))
+                and num(s.get('lr')) and s['lr'] > 0 and num(b.get('valid_acc')) and 0 <= b['valid_acc'] <= 1
                 and is_int(b.get('trials')) and b['trials'] >= 1 and isinstance(b.get('search'), dict))
     try:
         bests = load_json(f, 'optimizers')['optimizers']
@@ -337,15 +337,13 @@ def tune_study(out='results', preset:str='fmnist', datasets=None, optimizers=Non
                 for r in runs}
     files = {d: out/'tune'/d/'best.json' for d, _ in searches}
     bests = {d: load_best(f, force) for d, f in files.items()}
-    done = lambda d, o: not (force and (d, o) in redone) and bests[d].get(o, {}).get('search') == searches[d, o]
-    redone, todo = set(), []
+    todo = []
     for (d, o), wanted in searches.items():
-        if done(d, o): log(f"{d}/{o}: search finished, skipped")
+        if not force and bests[d].get(o, {}).get('search') == wanted: log(f"{d}/{o}: search finished, skipped")
         elif not force and (diff := _stale(out/'tune'/d/o, wanted)):
             raise ValueError(f"{out/'tune'/d/o} holds a search with other settings ({diff}); "
                              "rerun with --force, or choose another --out")
         else: todo.append((d, o))
-    redone = set(todo) if force else set()
     check_writable(*files.values(), *[out/'tune'/d/o/'search.json' for d, o in todo])
     started = bool(todo) and not ray.is_initialized()
     if started: _init(ray, n, address, log)
@@ -358,12 +356,11 @@ def tune_study(out='results', preset:str='fmnist', datasets=None, optimizers=Non
                 lock = lock_run(folder, 'search', wait=True)
             try:
                 bests[d] = load_best(files[d], force)
-                if bests[d].get(o, {}).get('search') == w and (d, o) not in redone:
+                if not force and bests[d].get(o, {}).get('search') == w:
                     log(f"{d}/{o}: search finished by another process"); continue
-                if (d, o) in redone: _clear(folder)
+                if force: _clear(folder)
                 best = search(d, o, out, trials, w['epochs'], w['bs'], seed, device, cpus_per_task, gpus_per_task,
                               n if address else None, log)
-                redone.discard((d, o))
                 held = lock_run(out/'tune'/d, 'best', wait=True)
                 try:  # what other drivers wrote meanwhile is kept
                     bests[d] = load_best(files[d], force) | {o: best}

@@ -186,15 +186,17 @@ def check_quarto(yml:Path, proc:Path) -> list[str]:
     html = fmt.get('html') or {}
     if 'commonmark' in fmt: errs.append(f"{yml}: format commonmark cannot write fractions or roots (pandoc warns)")
     if html.get('html-math-method') != 'mathml': errs.append(f"{yml}: html-math-method is not mathml: MathJax is a CDN")
-    for f in [t for t in (html.get('theme') or []) if str(t).endswith('.scss')] + [html.get('css') or 'styles.css']:
+    scss = [t for t in (html.get('theme') or []) if str(t).endswith('.scss')]
+    for f in scss + [html.get('css') or 'styles.css']:
         if not (proc/f).is_file(): errs.append(f"{yml}: {f} is not beside the processed notebooks")
-    theme = [t for t in (html.get('theme') or []) if str(t).endswith('.scss') and (proc/t).is_file()]
-    if not any(re.search(r'^\$web-font-path:\s*false', (proc/t).read_text(), re.M) for t in theme):
+    off = re.compile(r'^\$web-font-path:\s*false', re.M)
+    if not any((proc/t).is_file() and off.search((proc/t).read_text()) for t in scss):
         errs.append(f"{yml}: no theme file sets $web-font-path: false: the theme's fonts come from Google")
     post = project.get('post-render') or []
-    for script in [post] if isinstance(post, str) else post:
+    post = [post] if isinstance(post, str) else post
+    for script in post:
         if not (proc/script.split()[0]).is_file(): errs.append(f"{yml}: post-render {script} is not there")
-    if not any('offline_site.py' in p for p in ([post] if isinstance(post, str) else post)):
+    if not any('offline_site.py' in p for p in post):
         errs.append(f"{yml}: post-render does not run tools/offline_site.py: pages keep require.js and jQuery")
     return errs
 
