@@ -1,11 +1,12 @@
 """The 25 × 25 loss surface of one trained LeNet5 on 2,000 Fashion-MNIST samples: `landscape_2d` against the original study's loop.
 
-    python benchmarks/landscape.py [--run results/fashion_mnist/adam/seed0] [--n 2000] [--resolution 25] [--big 51] [--threads N]
+    python benchmarks/landscape.py [--run results/fashion_mnist/adam/seed0] [--n 2000] [--resolution 25] [--big 51] [--threads N] [--reps 3]
 
 The original study (after PyHessian's example) deep-copied the model and, for every grid point, assigned
 θ* + α·v1 + β·v2 to the copy's `.data` and ran one forward pass over all the samples, autograd on. Both variants get
-the same model, samples and directions (the top two Hessian eigenvectors) in the same run; the table gives their
-seconds, the ratio and the largest difference between their surfaces. Then `landscape_2d` alone on a `--big` grid.
+the same model, samples and directions (the top two Hessian eigenvectors) in the same run, in interleaved rounds
+(`timing.py`: repeated until every best time is stable, the spread and the machine's load printed); the table gives
+their best seconds, the ratio and the largest difference between their surfaces. Then `landscape_2d` alone on a `--big` grid.
 Without a trained run the weights are LeNet5's initial ones (the timing is the same, the surface is not).
 """
 import argparse, copy, time
@@ -14,6 +15,7 @@ import numpy as np, torch, torch.nn.functional as F
 from secondorder_cnn.data import load_tensors, stratified_subset
 from secondorder_cnn.model import LeNet5, to_device
 from secondorder_cnn.landscape import check_range, hessian_directions, landscape_2d
+from timing import Watch, rounds, summary, verdict
 
 
 def original(model, x, y, d1, d2, alphas, betas):
@@ -31,7 +33,19 @@ def timed(f, *args):
     return time.perf_counter() - t0, r
 
 
-def main(run='results/fashion_mnist/adam/seed0', n=2000, resolution=25, big=51, threads=None):
+def run_variants(variants:dict, reps:int) -> tuple[dict, dict, Watch]:
+    "Interleaved rounds of {name: (f, args)}: the seconds of each round, each variant's surface, the load watch"
+    out = {}
+    def one(k, f, args):
+        def g():
+            t, out[k] = timed(f, *args)
+            return t
+        return g
+    with Watch() as watch: times = rounds({k: one(k, *v) for k, v in variants.items()}, min_rounds=reps)
+    return times, out, watch
+
+
+def main(run='results/fashion_mnist/adam/seed0', n=2000, resolution=25, big=51, threads=None, reps=3):
     if threads: torch.set_num_threads(threads)
     model = LeNet5()
     f = Path(run)/'model.pt'
@@ -41,20 +55,28 @@ def main(run='results/fashion_mnist/adam/seed0', n=2000, resolution=25, big=51, 
     x, y = x[i], y[i]
     eigs, (v1, v2) = hessian_directions(model, F.cross_entropy, (x, y))
     al = check_range(-0.5, 0.5, resolution)
-    t_orig, l_orig = timed(original, model, x, y, v1, v2, al, al)
-    t_ours, (l_ours, _) = timed(landscape_2d, to_device(copy.deepcopy(model), 'cpu'), F.cross_entropy, (x, y), v1, v2, al, al)
-    t_cont, (l_cont, _) = timed(landscape_2d, model, F.cross_entropy, (x, y), v1, v2, al, al)
+    moved = to_device(copy.deepcopy(model), 'cpu')
+    times, out, watch = run_variants({
+        'orig': (original, (model, x, y, v1, v2, al, al)),
+        'ours': (lambda *a: landscape_2d(*a)[0], (moved, F.cross_entropy, (x, y), v1, v2, al, al)),
+        'cont': (lambda *a: landscape_2d(*a)[0], (model, F.cross_entropy, (x, y), v1, v2, al, al))}, reps)
+    (t_orig, s_orig), (t_ours, s_ours), (t_cont, s_cont) = (summary(times)[k] for k in ('orig', 'ours', 'cont'))
+    l_orig, l_ours, l_cont = out['orig'], out['ours'], out['cont']
     ab = check_range(-0.5, 0.5, big)
     t_big, _ = timed(landscape_2d, to_device(copy.deepcopy(model), 'cpu'), F.cross_entropy, (x, y), v1, v2, ab, ab)
     print(f"LeNet5 {'from ' + str(f) if f.exists() else '(initial weights)'}, {n} Fashion-MNIST samples, directions v1, v2 "
-          f"(λ1 {eigs[0]:.4g}, λ2 {eigs[1]:.4g}), CPU, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print('| variant | grid | seconds | ms / point | speed-up | max abs diff vs original |')
-    print('|---|---|---:|---:|---:|---:|')
+          f"(λ1 {eigs[0]:.4g}, λ2 {eigs[1]:.4g}), CPU, {torch.get_num_threads()} threads, torch {torch.__version__}\n"
+          f"{verdict(times, watch)}\n")
+    print('| variant | grid | seconds | spread | ms / point | speed-up | max abs diff vs original | relative |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|')
     g = f'{resolution} × {resolution}'
-    for name, t, l in (('original loop (deepcopy, .data, autograd on)', t_orig, l_orig),
-                       ('landscape_2d, model in default layout', t_cont, l_cont), ('landscape_2d, model as to_device leaves it', t_ours, l_ours)):
-        print(f'| {name} | {g} | {t:.2f} | {1000 * t / resolution**2:.1f} | {t_orig / t:.2f}× | {np.abs(l - l_orig).max():.1e} |')
-    print(f'| landscape_2d, model as to_device leaves it | {big} × {big} | {t_big:.2f} | {1000 * t_big / big**2:.1f} | – | – |')
+    for name, t, sp, l in (('original loop (deepcopy, .data, autograd on)', t_orig, s_orig, l_orig),
+                           ('landscape_2d, model in default layout', t_cont, s_cont, l_cont),
+                           ('landscape_2d, model as to_device leaves it', t_ours, s_ours, l_ours)):
+        print(f'| {name} | {g} | {t:.2f} | {sp:.2f} | {1000 * t / resolution**2:.1f} | {t_orig / t:.2f}× | '
+              f'{np.abs(l - l_orig).max():.1e} | {(np.abs(l - l_orig) / np.abs(l_orig)).max():.1e} |')
+    print(f'| landscape_2d, model as to_device leaves it | {big} × {big} | {t_big:.2f} | – | {1000 * t_big / big**2:.1f} | – | – | – |')
+    print(f"\nlandscape_2d >= 4 x the original loop: {'met' if t_orig >= 4 * t_ours else 'not met'} ({t_orig / t_ours:.2f})")
     print(f'\nloss at the centre {l_orig[resolution // 2, resolution // 2]:.5f}, largest on the grid {l_orig.max():.4g}')
 
 
@@ -65,4 +87,5 @@ if __name__ == '__main__':
     p.add_argument('--resolution', type=int, default=25)
     p.add_argument('--big', type=int, default=51)
     p.add_argument('--threads', type=int)
+    p.add_argument('--reps', type=int, default=3, help='interleaved rounds at least (more until the best times are stable)')
     main(**vars(p.parse_args()))

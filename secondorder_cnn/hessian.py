@@ -5,17 +5,20 @@
 # %% ../nbs/02_hessian.ipynb #37c0f981
 from __future__ import annotations
 import copy, math, warnings
+import torch.autograd.forward_ad as fwAD
 from collections.abc import Callable, Iterable, Iterator
 import torch
 from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
 from torch import nn, Tensor
+from torch.func import functional_call
 from .data import (
     check_bool, check_callable, check_choice, check_float, check_int, check_seed, check_xy, describe, is_int)
 from .model import check_model
 
 # %% auto #0
-__all__ = ['PROBES', 'hvp', 'Result', 'layer_names', 'block_params', 'NotFinite', 'HessianOperator', 'probe', 'hutchinson_diag']
+__all__ = ['PROBES', 'hvp', 'grad_hvp', 'Result', 'layer_names', 'block_params', 'NotFinite', 'HessianOperator', 'probe',
+           'hutchinson_diag']
 
 # %% ../nbs/02_hessian.ipynb #a7e3c9d1
 def hvp(grads:list[Tensor], # gradients of the loss, built with `create_graph=True`
@@ -42,6 +45,39 @@ def hvp(grads:list[Tensor], # gradients of the loss, built with `create_graph=Tr
                                    "build them with loss.backward(create_graph=True) (train_step does so)")
     return list(torch.autograd.grad([g for g, _ in out], params, [v for _, v in out], retain_graph=retain_graph,
                                     allow_unused=True, materialize_grads=True, is_grads_batched=batched))
+
+# %% ../nbs/02_hessian.ipynb #619c688a
+def grad_hvp(model:nn.Module,
+             criterion, # loss of `model(x)` against `y`, a scalar
+             x:Tensor, y:Tensor,
+             params:list[Tensor], # the parameters of the gradient, some or all of `model`'s
+             vs:list[Tensor] # one vector per parameter, shaped like it
+            ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    "Outputs, loss, gradient and products $Hv$ of `criterion(model(x), y)`, in one forward-over-reverse pass"
+    check_model(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if not (isinstance(params, (list, tuple)) and params and all(id(p) in names for p in params)):
+        raise ValueError(f"params {describe(params)} must be a list of the model's parameters, one at least")
+    if not (isinstance(vs, (list, tuple)) and len(vs) == len(params)
+            and all(isinstance(v, Tensor) and v.shape == p.shape for v, p in zip(vs, params))):
+        raise ValueError(f"vs {describe(vs)} must be one tensor per parameter, shaped like it")
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, v.to(p.dtype)) for p, v in zip(params, vs)]
+        try:
+            out = functional_call(model, {names[id(p)]: d for p, d in zip(params, duals)}, (x,))
+            loss = criterion(out, y)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError(f"criterion must return a scalar loss, got {describe(loss)}: use reduction='mean'")
+            gs = torch.autograd.grad(loss, duals, allow_unused=True)
+        except NotImplementedError as e:
+            raise ValueError(f"the model or the criterion holds an operation without a forward-mode derivative "
+                             f"({str(e).splitlines()[0]}): take the products by double backward (fused=False)"
+                             ) from None
+        parts = [fwAD.unpack_dual(g) if g is not None else None for g in gs]
+        out, loss = fwAD.unpack_dual(out).primal, fwAD.unpack_dual(loss).primal
+    grads = [None if u is None else u.primal for u in parts]
+    hvps = [torch.zeros_like(p) if u is None or u.tangent is None else u.tangent for p, u in zip(params, parts)]
+    return out.detach(), loss.detach(), grads, hvps
 
 # %% ../nbs/02_hessian.ipynb #e2d371d0
 def _bar(it, show:bool, comment:str=''):
@@ -220,11 +256,11 @@ def dense(self:HessianOperator, max_params:int=10_000, chunk:int=64) -> Tensor:
 # %% ../nbs/02_hessian.ipynb #fb2593f6
 @patch
 def _lanczos(self:HessianOperator, v:Tensor, m:int, k:int=0, which:str='largest', tol:float|None=None,
-             desc:str='Lanczos'):
-    "Up to `m` Lanczos steps from `v`, stopping once the `k` wanted Ritz pairs have relative residuals below `tol`"
+             desc:str='Lanczos', value:bool=False):
+    "Up to `m` Lanczos steps from `v`, until the `k` wanted Ritz pairs (values alone if `value`) are within `tol`"
     m = min(m, self.n)
     V = v.new_empty(m, self.n)
-    a, b = [], []
+    a, b, last = [], [], None
     v = v / v.norm()
     for j in _bar(range(m), self.progress, desc):
         V[j] = v
@@ -235,7 +271,11 @@ def _lanczos(self:HessianOperator, v:Tensor, m:int, k:int=0, which:str='largest'
         if tol is not None and j + 1 >= k:
             theta, S = _ritz(a, b)
             idx = _wanted(theta, k, which)
-            if (b[-1] * S[-1, idx].abs() <= tol * theta[idx].abs()).all(): break
+            err = _error(theta, b[-1] * S[-1].abs(), value)[idx]
+            if value:  # and the values moved by less than that in the last step: the top was not just found
+                err = err if last is None else torch.maximum(err, (theta[idx] - last).abs())
+                last = theta[idx]
+            if (err <= tol * theta[idx].abs()).all() and (not value or j >= k): break
         if b[-1] <= 1e-12 * max(abs(t) for t in a): break  # an invariant subspace: the Ritz values are exact
         v = w / b[-1]
     return a, b, V[:len(a)]
@@ -247,6 +287,12 @@ def _ritz(a:list[float], b:list[float]) -> tuple[Tensor, Tensor]:
         off = torch.tensor(b[:len(a)-1], dtype=torch.float64)
         T += torch.diag(off, 1) + torch.diag(off, -1)
     return torch.linalg.eigh(T)
+
+def _error(theta:Tensor, res:Tensor, value:bool) -> Tensor:
+    "Each Ritz pair's residual; for `value`, its value's error estimate min(res, res²/gap), gap to the next Ritz value"
+    if not value or len(theta) < 2: return res
+    d = (theta[:, None] - theta[None]).abs().fill_diagonal_(math.inf).min(1).values
+    return torch.minimum(res, res**2 / d)
 
 def _wanted(theta:Tensor, k:int, which:str) -> Tensor:
     "Indices of the `k` wanted Ritz values: largest first, or most negative first"
@@ -321,22 +367,25 @@ def eigenvalues(self:HessianOperator,
 def sharpness(self:HessianOperator,
               v0:list[Tensor]|None=None, # where Lanczos starts, e.g. the last top eigenvector; default: random
               max_iter:int=20, # Lanczos steps at most
-              tol:float=1e-3, # relative residual at which it stops
-              seed:int=0) -> Result: # of the random start
+              tol:float=1e-3, # relative residual at which it stops (relative error of λ1 for 'value')
+              seed:int=0, # of the random start
+              until:str='vector') -> Result: # 'vector': eigenpair within `tol`; 'value': λ1 alone
     "`(λ1, v1)`: the largest eigenvalue and its unit eigenvector, with `.n_hvp`, `.residual` and `.converged`"
     check_int(max_iter, 'max_iter')
     check_float(tol, 'tol', 0, lo_open=True)
+    check_choice(until, ('vector', 'value'), 'until')
     if v0 is None: v = self._randn(torch.Generator().manual_seed(check_seed(seed)))
     else:
         v = self._flat(v0, 'v0').to(self.params[0])
         if not (torch.isfinite(v).all() and v.abs().max() > 0): raise ValueError("v0 must be finite and not zero")
         v = v / v.abs().max()  # its norm, computed next, cannot overflow
     n0 = self.n_hvp
-    a, b, V = self._lanczos(v, max_iter, 1, 'largest', tol)
+    a, b, V = self._lanczos(v, max_iter, 1, 'largest', tol, value=until == 'value')
     theta, S = _ritz(a, b)
     u = V.T @ S[:, -1].to(V)
     res = b[-1] * S[-1, -1].abs().item()
-    converged = res <= tol * abs(theta[-1].item()) or len(a) == self.n
+    err = _error(theta, b[-1] * S[-1].abs(), until == 'value')[-1].item()
+    converged = err <= tol * abs(theta[-1].item()) or len(a) == self.n
     return Result(theta[-1].item() * self.gain, self._unflat(u / u.norm()), n_hvp=self.n_hvp - n0,
                   residual=res * self.gain, converged=converged)
 

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from .data import (
     check_bool, check_callable, check_choice, check_float, check_int, check_seed, check_xy, describe)
 from .model import check_model
-from .hessian import PROBES, block_params, hutchinson_diag, hvp, probe
+from .hessian import PROBES, block_params, grad_hvp, hutchinson_diag, hvp, probe
 
 # %% auto #0
 __all__ = ['REBOUNDS', 'WEIGHT_DECAYS', 'NS_DTYPES', 'NS_COEFS', 'LAYERS', 'KFAC_APPROX', 'FISHER_TYPES', 'FACTOR_SCALES',
@@ -55,7 +55,8 @@ class HessianOptimizer(Optimizer):
     "Base of the optimizers that estimate the Hessian diagonal: a probe generator saved with the state, HVPs counted"
     def __init__(self, params, defaults:dict,
                  generator:torch.Generator|None=None, # draws the probes; default: a new one, seeded from `seed`
-                 seed:int|None=None): # seed of that new generator; default: drawn from torch's global generator
+                 seed:int|None=None, # seed of that new generator; default: drawn from torch's global generator
+                 fused:bool=True): # `train_step` takes a step's product with its gradient, in one pass (`grad_hvp`)
         check_int(defaults['update_each'], 'update_each')
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator {describe(generator)} must be a torch.Generator or None")
@@ -66,13 +67,22 @@ class HessianOptimizer(Optimizer):
         if generator is None:
             generator = torch.Generator(ps[0].device)
             generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
-        self.gen, self.n_hvp = generator, 0
+        self.gen, self.n_hvp, self.fused = generator, 0, check_bool(fused, 'fused')
 
     @property
     def create_graph(self) -> bool:
         "Whether the next `step` estimates the Hessian diagonal, so needs gradients built with `create_graph=True`"
         g = self.param_groups[0]
         return g.get('step', 0) % g['update_each'] == 0
+
+    @property
+    def fuses(self) -> bool:
+        "Whether `train_step` computes the next step's gradient and product together and hands them to `step`"
+        return self.fused and self.create_graph and self.param_groups[0].get('n_probes', 1) == 1
+
+    def probes(self, ps:list[Tensor]) -> list[Tensor]:
+        "This step's probes for the parameters `ps`, drawn from the generator as `step` itself would draw them"
+        return [probe(p, self.param_groups[0].get('dist', 'rademacher'), self.gen) for p in ps]
 
     def _params_grads(self) -> tuple[list[Tensor], list[Tensor]]:
         ps = [p for g in self.param_groups for p in g['params'] if p.grad is not None]
@@ -98,27 +108,31 @@ class AdaHessian(HessianOptimizer):
                  hessian_power:float=1., # power $k$ of the denominator, in [0, 1]
                  update_each:int=1, # refresh the Hessian estimate every this many steps
                  generator:torch.Generator|None=None, # draws the probes; default: a new one, seeded from `seed`
-                 seed:int|None=None): # seed of that new generator; default: drawn from torch's global generator
+                 seed:int|None=None, # seed of that new generator; default: drawn from torch's global generator
+                 fused:bool=True): # `train_step` takes gradient and product in one pass; False: double backward
         check_lr(lr)
         check_betas(betas)
         for value, name in ((eps, 'eps'), (weight_decay, 'weight_decay')): check_lr(value, name)
         check_float(hessian_power, 'hessian_power', 0, 1)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      hessian_power=hessian_power, update_each=update_each), generator, seed)
+                                      hessian_power=hessian_power, update_each=update_each), generator, seed, fused)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None,
+             products:tuple|None=None): # (params, probes, their Hessian products) from `train_step`'s one pass
         "One AdaHessian step; `closure` (optional) re-evaluates the loss and its gradients"
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         if self.create_graph:
-            ps, gs = self._params_grads()
-            if any(g.grad_fn is None for g in gs):
-                raise RuntimeError("AdaHessian needs the gradients built with create_graph=True at this step: "
-                                   "call loss.backward(create_graph=True), or drive it with train_step")
-            zs = [probe(p, 'rademacher', self.gen) for p in ps]
-            for p, hz in zip(ps, hvp(gs, ps, zs)): self.state[p]['hess'] = _spatial_mean(hz.abs_())
+            if products is not None: ps, _, hzs = products
+            else:
+                ps, gs = self._params_grads()
+                if any(g.grad_fn is None for g in gs):
+                    raise RuntimeError("AdaHessian needs the gradients built with create_graph=True at this step: "
+                                       "call loss.backward(create_graph=True), or drive it with train_step")
+                hzs = hvp(gs, ps, self.probes(ps))
+            for p, hz in zip(ps, hzs): self.state[p]['hess'] = _spatial_mean(hz.abs_())
             self.n_hvp += 1
         for group in self.param_groups:
             group['step'] = t = group.get('step', 0) + 1
@@ -215,7 +229,8 @@ class SophiaH(HessianOptimizer):
                  n_probes:int=1, # probes averaged per estimate
                  dist:str='gaussian', # probe distribution: 'gaussian' or 'rademacher'
                  generator:torch.Generator|None=None, # draws the probes; default: a new one, seeded from `seed`
-                 seed:int|None=None): # seed of that new generator; default: drawn from torch's global generator
+                 seed:int|None=None, # seed of that new generator; default: drawn from torch's global generator
+                 fused:bool=True): # with one probe, `train_step` takes gradient and product in one pass
         check_lr(lr)
         check_betas(betas)
         for value, name in ((gamma, 'gamma'), (eps, 'eps'), (weight_decay, 'weight_decay')): check_lr(value, name)
@@ -223,16 +238,20 @@ class SophiaH(HessianOptimizer):
         check_int(n_probes, 'n_probes')
         defaults = dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay, update_each=update_each,
                         n_probes=n_probes, dist=dist)
-        super().__init__(params, defaults, generator, seed)
+        super().__init__(params, defaults, generator, seed, fused)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None,
+             products:tuple|None=None): # (params, probes, their Hessian products) from `train_step`'s one pass
         "One SophiaH step; `closure` (optional) re-evaluates the loss and its gradients"
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         hs = {}
-        if self.create_graph:
+        if self.create_graph and products is not None:
+            hs = {id(p): z * hz for p, z, hz in zip(*products)}
+            self.n_hvp += 1
+        elif self.create_graph:
             ps, gs = self._params_grads()
             n = self.param_groups[0]['n_probes']
             hs = dict(zip(map(id, ps), hutchinson_diag(gs, ps, n, self.param_groups[0]['dist'], self.gen)))
@@ -1248,12 +1267,18 @@ def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
     check_callable(criterion, 'criterion', '(outputs, targets)')
     if create_graph is not None: check_bool(create_graph, 'create_graph')
     ps = [p for g in opt.param_groups for p in g['params'] if p.requires_grad]
-    if create_graph is None: create_graph = getattr(opt, 'create_graph', False)
-    losses, first_acc, n_hvp = [], [], getattr(opt, 'n_hvp', 0)
+    fused = create_graph is None and isinstance(opt, HessianOptimizer) and opt.fuses
+    if create_graph is None: create_graph = getattr(opt, 'create_graph', False) and not fused
+    losses, first_acc, n_hvp, products = [], [], getattr(opt, 'n_hvp', 0), []
     saved = opt.state['train_step']  # the last weights at which the loss was finite
+    gen = opt.gen.get_state() if fused else None  # a diverged step gives its probes back
     def closure():
-        out = model(xb)
-        loss = criterion(out, yb)
+        gs = None
+        if fused and not losses:
+            zs = opt.probes(ps)
+            out, loss, gs, hzs = grad_hvp(model, criterion, xb, yb, ps, zs)
+            products.append((ps, zs, hzs))
+        else: out = model(xb); loss = criterion(out, yb)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(f"criterion must return a scalar loss, got {describe(loss)}: use reduction='mean'")
         losses.append(loss.item())
@@ -1264,12 +1289,13 @@ def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
             with torch.no_grad():
                 if 'last_finite' in saved: torch._foreach_copy_(saved['last_finite'], ps)
                 else: saved['last_finite'] = [p.detach().clone() for p in ps]
-        gs = torch.autograd.grad(loss, ps, create_graph=create_graph, allow_unused=True)
+        if gs is None: gs = torch.autograd.grad(loss, ps, create_graph=create_graph, allow_unused=True)
         # a clone, as a view could not be detached in place
         for p, g in zip(ps, gs): p.grad = g.clone() if create_graph and g is not None else g
         return loss
     try:
-        opt.step(closure)
+        if fused: closure(); opt.step(products=products[0])
+        else: opt.step(closure)
         if not all(torch.isfinite(p).all() for p in ps): raise _NonFinite
         diverged = False
     except (_NonFinite, OverflowError, RuntimeError) as e:
@@ -1277,6 +1303,7 @@ def train_step(model:nn.Module, opt:Optimizer, xb:Tensor, yb:Tensor,
         if 'last_finite' in saved:
             with torch.no_grad(): torch._foreach_copy_(ps, saved['last_finite'])
         if isinstance(opt, torch.optim.LBFGS): opt.state.clear()
+        if gen is not None: opt.gen.set_state(gen)
         diverged = True
     for p in ps:
         if diverged: p.grad = None

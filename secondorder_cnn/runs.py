@@ -265,7 +265,9 @@ def train_run(r:Run, device=None, bar=None) -> dict:
         tracker = Tracker(*hessian_subset(r.dataset, t['samples'], dev), t['every'], t['trace'])
     result = train(model, r.optimizer, dls, r.epochs, r.lr, r.seed, bar=bar, callback=tracker,
                    overrides=dict(r.overrides))
-    if tracker is not None: files['dynamics.json'] = dict(config=config, **tracker.summary())
+    if tracker is not None:  # the cost of tracking beside that of training, the measurements excluded from the latter
+        train_s = sum(e['seconds'] for e in result['epochs'])
+        files['dynamics.json'] = dict(config=config, **tracker.summary(), train_seconds=train_s)
     files['model.pt'] = state_bytes(model)
     files['metrics.json'] = dict(config=config, **result, n_params=n_params(model), n_train=len(dls[0].y),
                                  n_test=len(dls[1].y))
@@ -421,11 +423,13 @@ class Tracker:
                  every:int, # measure every this many optimizer steps, and before the first
                  trace:int=0, # Hutch++ products for the trace; 0: no trace
                  max_iter:int=20, # Lanczos steps per eigenvalue, at most
-                 tol:float=1e-3, # relative residual at which Lanczos stops
-                 criterion=F.cross_entropy):
+                 tol:float=1e-3, # relative error of λ1 at which Lanczos stops (residual for until='vector')
+                 criterion=F.cross_entropy,
+                 until:str='value'): # stop on λ1's estimated error ('value') or on the residual ('vector')
         x, y = check_xy(x, y)
         self.x, self.y, self.every, self.trace = x, y, check_int(every, 'every'), check_trace(trace)
         self.max_iter, self.tol = check_int(max_iter, 'max_iter'), check_float(tol, 'tol', 0, lo_open=True)
+        self.until = check_choice(until, ('value', 'vector'), 'until')
         self.criterion, self.v, self.v_pre, self.records, self.diverged = criterion, None, None, [], None
 
     def __call__(self, model:nn.Module, opt, step:int, out:dict|None=None):
@@ -442,7 +446,8 @@ class Tracker:
     def measure(self, model:nn.Module, opt, step:int, out:dict|None=None) -> tuple[dict, int]:
         "One measurement at `step` and the products it took; `NotFinite` where the Hessian is"
         H = HessianOperator(model, self.criterion, data=(self.x, self.y))
-        lam = H.sharpness(self.v, self.max_iter, self.tol)
+        until = lambda v: self.until if v is not None else 'vector'  # a random start: the residual rule (see above)
+        lam = H.sharpness(self.v, self.max_iter, self.tol, until=until(self.v))
         self.v, n_hvp, pre = lam[1], H.n_hvp, isinstance(opt, PRECONDITIONED)
         r = dict(step=step, loss=None if out is None else out['loss'],
                  subset_loss=_subset_loss(model, self.x, self.y, self.criterion), lambda1=lam[0],
@@ -451,7 +456,7 @@ class Tracker:
         P = preconditioner(opt)
         if P is not None:
             Hp = H.preconditioned(_in_order(P, [p for g in opt.param_groups for p in g['params']], H.params))
-            lp = Hp.sharpness(self.v_pre, self.max_iter, self.tol)
+            lp = Hp.sharpness(self.v_pre, self.max_iter, self.tol, until=until(self.v_pre))
             self.v_pre, r['pre_lambda1'], n_hvp = lp[1], lp[0], n_hvp + Hp.n_hvp
         if self.trace:
             tr = H.trace(max_hvp=self.trace)
@@ -462,6 +467,7 @@ class Tracker:
     def summary(self) -> dict:
         "The settings, the measurements, and their total cost"
         return dict(every=self.every, samples=len(self.y), trace=self.trace, max_iter=self.max_iter, tol=self.tol,
+                    until=self.until,
                     diverged_at=self.diverged, n_measurements=len(self.records),
                     n_hvp=sum(r['n_hvp'] for r in self.records),
                     seconds=sum(r['seconds'] for r in self.records), records=self.records)

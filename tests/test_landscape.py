@@ -117,3 +117,43 @@ def test_model_untouched_and_direction_checks():
     with pytest.raises(ValueError, match='direction has 4 tensors'): landscape_1d(m, F.cross_entropy, (x, y), d1[:4], [0, 1])
     with pytest.raises(ValueError, match=r'data must be a non-empty'): landscape_1d(m, F.cross_entropy, (x[:0], y[:0]), d1, [0, 1])
     with pytest.raises(ValueError, match='bs 0 must be an integer >= 1'): landscape_1d(m, F.cross_entropy, (x, y), d1, [0, 1], bs=0)
+
+
+# ---------- the shortcuts of the evaluation against the plain loop ----------
+
+def naive_2d(model, x, y, d1, d2, alphas, betas):
+    "The loss at every grid point by the book: the weights set, one plain forward pass in eval mode"
+    m, out = copy.deepcopy(model).eval(), torch.empty(len(alphas), len(betas), dtype=torch.float64)
+    ps = [p for p in m.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in ps]
+    with torch.no_grad():
+        for i, a in enumerate(alphas.tolist()):
+            for j, b in enumerate(betas.tolist()):
+                for p, t, u, v in zip(ps, theta, d1, d2): p.copy_(t + a * u + b * v)
+                out[i, j] = F.cross_entropy(m(x), y).double()
+    return out.numpy()
+
+
+class Scaled(nn.Module):
+    "A first convolution that does not see the data itself, a padded and a grouped one, and a whole-input one"
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, groups=2)
+        self.c3, self.fc = nn.Conv2d(4, 6, 6), nn.Linear(6, 10)
+    def forward(self, x): return self.fc(self.c3(torch.relu(self.c2(torch.relu(self.c1(2 * x))))).flatten(1))
+
+
+@pytest.mark.parametrize('make', [lambda: LeNet5(), Scaled])
+@pytest.mark.parametrize('frozen', [False, True])
+def test_grid_equals_the_plain_loop(make, frozen):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(37, 1, 32, 32) if isinstance(model, LeNet5) else torch.randn(37, 1, 8, 8)
+    y = torch.randint(0, 10, (37,))
+    first = next(model.parameters())
+    if frozen: first.requires_grad_(False)  # a layer of the first convolution not trained: its own weights
+    d1, d2 = (random_direction(model, seed=s) for s in (1, 2))
+    al, be = torch.linspace(-1, 1, 5, dtype=torch.float64), torch.linspace(-0.5, 0.5, 3, dtype=torch.float64)
+    want = naive_2d(model, x, y, d1, d2, al, be)
+    got, _ = landscape_2d(model, F.cross_entropy, (x, y), d1, d2, al, be, bs=16)  # 15 points: groups of 4 and a last 3
+    assert abs(got - want).max() <= 1e-5 * abs(want).max()

@@ -287,3 +287,43 @@ def test_hessian_step_without_create_graph(cls):
     opt = cls(m.parameters())
     F.cross_entropy(m(torch.randn(4, 1, 32, 32)), torch.zeros(4, dtype=torch.long)).backward()
     with pytest.raises(RuntimeError, match=r'create_graph=True'): opt.step()
+
+
+# ---------- gradient and Hessian-vector product in one pass ----------
+
+class _Square(torch.autograd.Function):
+    "x², with a backward and no forward-mode derivative"
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+    @staticmethod
+    def backward(ctx, g): return 2 * ctx.saved_tensors[0] * g
+
+
+class _NoJvp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+    def forward(self, x): return _Square.apply(self.lin(x))
+
+
+@pytest.mark.parametrize('name', ['adahessian', 'sophiah'])
+def test_one_pass_needs_forward_mode_derivatives(name):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    m = _NoJvp()
+    with pytest.raises(ValueError, match='without a forward-mode derivative .*fused=False'):
+        train_step(m, make_optimizer(name, m, seed=0), x, y)
+    r = train_step(m, make_optimizer(name, m, seed=0, fused=False), x, y)
+    assert (r['n_hvp'], r['diverged']) == (1, False)
+
+
+def test_one_pass_equals_two_on_a_block(batches):
+    "AdaHessian over some parameters only (the classifier): the one pass differentiates in those alone"
+    a, b = lenet64(), lenet64()
+    for m, fused in ((a, True), (b, False)):
+        run(m, AdaHessian(m.classifier.parameters(), seed=1, fused=fused), batches[:5])
+    assert max_diff(a, lenet64()) > 0.01
+    assert max_diff(a, b) <= 1e-12
+    assert all(torch.equal(p, q) for p, q in zip(a.feature_extractor.parameters(), lenet64().feature_extractor.parameters()))
