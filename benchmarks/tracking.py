@@ -8,9 +8,9 @@ settings of `results/tracked/fashion_mnist/<optimizer>/seed0/config.json` where 
 otherwise), for `--epochs` epochs, and at every `--every` steps three measurements are taken on the same weights,
 on the tracked runs' fixed subset of `--samples` images:
 
-- `until='value'`, the tracker's default: Lanczos warm-started from the last top vector, stopped once λ1's
-  estimated error is below `--tol` relative (1e-3, the tracker's default);
-- `until='vector'`, the tracker of the committed tracked runs: the same start, stopped at residual 1e-3;
+- `until='value'`, the tracker's default: Lanczos warm-started from the last top vector, λ1 stopped once its
+  estimated error is below `--tol` relative (1e-3, the tracker's default), λ1(P⁻¹H) at residual 1e-3;
+- `until='vector'`, the tracker of the committed tracked runs: the same starts, both stopped at residual 1e-3;
 - cold: Lanczos from a random vector, to residual 1e-6 or 200 steps — the reference.
 
 Each tracker's time is its own measurements', training's time the steps' alone, so the share is tracking's seconds

@@ -425,7 +425,7 @@ class Tracker:
                  max_iter:int=20, # Lanczos steps per eigenvalue, at most
                  tol:float=1e-3, # relative error of λ1 at which Lanczos stops (residual for until='vector')
                  criterion=F.cross_entropy,
-                 until:str='value'): # stop on λ1's estimated error ('value') or on the residual ('vector')
+                 until:str='value'): # λ1 stops on its estimated error ('value') or on the residual ('vector')
         x, y = check_xy(x, y)
         self.x, self.y, self.every, self.trace = x, y, check_int(every, 'every'), check_trace(trace)
         self.max_iter, self.tol = check_int(max_iter, 'max_iter'), check_float(tol, 'tol', 0, lo_open=True)
@@ -456,7 +456,7 @@ class Tracker:
         P = preconditioner(opt)
         if P is not None:
             Hp = H.preconditioned(_in_order(P, [p for g in opt.param_groups for p in g['params']], H.params))
-            lp = Hp.sharpness(self.v_pre, self.max_iter, self.tol, until=until(self.v_pre))
+            lp = Hp.sharpness(self.v_pre, self.max_iter, self.tol)  # the residual rule: see above
             self.v_pre, r['pre_lambda1'], n_hvp = lp[1], lp[0], n_hvp + Hp.n_hvp
         if self.trace:
             tr = H.trace(max_hvp=self.trace)
